@@ -1,0 +1,3 @@
+from ntkit.cli import main
+
+raise SystemExit(main())
