@@ -1,0 +1,36 @@
+"""Shared test fixtures.
+
+Data-dependent tests use the ``data_dir`` fixture: it reads ``NTKIT_DATA_DIR`` (default
+``../shared/data`` next to the repo). When the directory is missing the test is skipped — unless
+``NTKIT_REQUIRE_DATA=1`` (set by CI), in which case it fails.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("NTKIT_DATA_DIR", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    d = _data_dir()
+    if not d.is_dir():
+        if os.environ.get("NTKIT_REQUIRE_DATA") == "1":
+            pytest.fail(f"NTKIT_REQUIRE_DATA=1 but data dir {d} does not exist")
+        pytest.skip(f"data dir {d} not found (set NTKIT_DATA_DIR)")
+    return d
