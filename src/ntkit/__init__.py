@@ -18,20 +18,20 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__",
-    "modular_ntk",
-    "spectrum",
     "ModularNTK",
-    "Spectrum",
     "NtkitError",
-    "partition",
-    "ntk",
-    "sparse",
+    "Spectrum",
+    "__version__",
+    "data",
     "methods",
     "models",
-    "data",
-    "train",
+    "modular_ntk",
+    "ntk",
+    "partition",
     "recipes",
+    "sparse",
+    "spectrum",
+    "train",
 ]
 
 _LAZY = {

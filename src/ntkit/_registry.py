@@ -21,7 +21,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
         def deco(obj: T) -> T:
-            key = name or getattr(obj, "__name__")
+            key = name or obj.__name__
             if key in self._items:
                 raise ValueError(f"{self.what} {key!r} registered twice")
             self._items[key] = obj

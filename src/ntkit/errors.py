@@ -8,7 +8,7 @@ traceback.
 
 from __future__ import annotations
 
-__all__ = ["NtkitError", "ConfigError", "DataError", "UnsupportedModelError", "check"]
+__all__ = ["ConfigError", "DataError", "NtkitError", "UnsupportedModelError", "check"]
 
 
 class NtkitError(Exception):

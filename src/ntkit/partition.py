@@ -15,6 +15,7 @@ their parameter; all slices of one parameter use the same dimension and are pair
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +24,17 @@ from torch import Tensor, nn
 
 from ntkit.errors import ConfigError
 
-__all__ = ["ParamSlice", "ModuleGroup", "Partition"]
+__all__ = [
+    "ModuleGroup",
+    "ParamSlice",
+    "Partition",
+    "attention_heads",
+    "auto",
+    "conv_filters",
+    "layers",
+    "linear_neurons",
+    "moe_experts",
+]
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,7 @@ class ModuleGroup:
 
 def _runs(indices: Iterable[int]) -> list[tuple[int, int]]:
     """Sorted unique indices → list of contiguous [start, stop) runs."""
-    idx = sorted(set(int(i) for i in indices))
+    idx = sorted({int(i) for i in indices})
     runs: list[tuple[int, int]] = []
     for i in idx:
         if runs and runs[-1][1] == i:
@@ -96,7 +107,7 @@ class Partition:
         *,
         kind: str | Mapping[str, str] = "module",
         layer: str | Mapping[str, str] | None = None,
-    ) -> "Partition":
+    ) -> Partition:
         """Build from ``{group_name: [(param_name, dim, indices), ...]}``.
 
         ``indices`` is ``None`` (the whole dimension; the size is resolved by
@@ -128,7 +139,7 @@ class Partition:
             groups.append(ModuleGroup(name, k, lay, tuple(slices)))
         return cls(groups)
 
-    def bind(self, model: nn.Module) -> "Partition":
+    def bind(self, model: nn.Module) -> Partition:
         """Resolve whole-dimension slices against ``model`` and :meth:`validate`; returns self."""
         params = dict(model.named_parameters())
         for gi, g in enumerate(self.groups):
@@ -168,7 +179,7 @@ class Partition:
             if len(dims) > 1:
                 raise ConfigError(f"partition param={pname!r}: sliced along several dims {sorted(dims)}")
             items = sorted(items, key=lambda it: it[0].start)
-            for (a, ga), (b, gb) in zip(items, items[1:]):
+            for (a, ga), (b, gb) in itertools.pairwise(items):
                 if b.start < a.stop:
                     raise ConfigError(
                         f"partition param={pname!r}: groups {ga!r} and {gb!r} overlap on [{b.start}, {min(a.stop, b.stop)})"
@@ -200,7 +211,15 @@ class Partition:
         """Indices of the groups of ``kind`` (all groups when None)."""
         return [i for i, g in enumerate(self.groups) if kind is None or g.kind == kind]
 
-    def subset(self, indices: Sequence[int]) -> "Partition":
+    def groups_by_layer(self, kind: str | None = None) -> dict[str, list[int]]:
+        """``{layer: [group indices]}`` in first-seen order, for the groups of ``kind`` (all when
+        None) — what per-layer rules such as "keep ≥ 1 module per layer" iterate over."""
+        out: dict[str, list[int]] = {}
+        for i in self.indices(kind):
+            out.setdefault(self.groups[i].layer, []).append(i)
+        return out
+
+    def subset(self, indices: Sequence[int]) -> Partition:
         return Partition([self.groups[i] for i in indices])
 
     def covered_params(self) -> list[str]:
@@ -238,3 +257,372 @@ class Partition:
                     s.select(m).fill_(False)
             masks[pname] = m
         return masks
+
+
+# ===================================================================== partition builders
+#
+# Each builder walks ``model.named_modules()`` (shared modules are visited once) and names every
+# parameter as ``model.named_parameters()`` does (a parameter shared by several modules, e.g. a
+# tied MLM decoder, keeps the first name). Group names are ``<module>.<kind><index>``; ``layer``
+# is the qualified name of the module the group lives in ("<root>" for the model itself).
+# Every builder returns a bound, validated Partition, and raises UnsupportedModelError (one line)
+# when the model has nothing of the requested kind.
+
+_ROOT = "<root>"
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) → its name in ``model.named_parameters()`` (first name of shared ones)."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _whole(name: str, p: Tensor) -> ParamSlice:
+    return ParamSlice(name, 0, 0, int(p.shape[0]))
+
+
+def _qual(prefix: str, suffix: str) -> str:
+    return f"{prefix}.{suffix}" if prefix else suffix
+
+
+def _layer_name(mname: str) -> str:
+    return mname or _ROOT
+
+
+@dataclass
+class _SeparateQKV:
+    """An attention module with separate Q/K/V Linears (HF layouts), as found by
+    :func:`_separate_qkv`."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    out: nn.Linear | None  # output projection (columns by head), None when not found
+    num_heads: int
+    head_dim: int
+
+
+def _num_heads(m: nn.Module) -> int | None:
+    cfg = getattr(m, "config", None)
+    for obj, attr in ((m, "num_attention_heads"), (m, "num_heads"), (cfg, "num_attention_heads")):
+        val = getattr(obj, attr, None)
+        if isinstance(val, int) and val >= 1:
+            return val
+    return None
+
+
+def _separate_qkv(model: nn.Module, mname: str, m: nn.Module) -> _SeparateQKV | None:
+    """Recognise HF-style attention with separate projections:
+
+    * BERT family (``BertSelfAttention``, RoBERTa, transformers-4 ViT): ``query``/``key``/``value``
+      and the output projection in the sibling ``<parent>.output.dense``;
+    * ``q_proj``/``k_proj``/``v_proj`` with ``o_proj`` or ``out_proj`` on the module itself
+      (Llama, BART, transformers-5 ViT, …).
+
+    Heads: ``num_attention_heads``, ``num_heads`` or ``config.num_attention_heads``; head size:
+    ``attention_head_size``, ``head_dim`` or q.out_features / heads.
+    """
+    names = ("query", "key", "value") if hasattr(m, "query") else ("q_proj", "k_proj", "v_proj")
+    lins = [getattr(m, a, None) for a in names]
+    if not all(isinstance(lin, nn.Linear) for lin in lins):
+        return None
+    q, k, v = lins  # type: ignore[misc]
+    n_heads = _num_heads(m)
+    if n_heads is None:
+        return None
+    dh = getattr(m, "attention_head_size", None) or getattr(m, "head_dim", None) or q.out_features // n_heads
+    dh = int(dh)
+    if dh < 1 or q.out_features != n_heads * dh:
+        return None
+    out = None
+    for attr in ("o_proj", "out_proj"):
+        cand = getattr(m, attr, None)
+        if isinstance(cand, nn.Linear):
+            out = cand
+            break
+    if out is None and mname:
+        parent = mname.rsplit(".", 1)[0] if "." in mname else ""
+        try:
+            cand = model.get_submodule(_qual(parent, "output.dense"))
+        except AttributeError:
+            cand = None
+        if isinstance(cand, nn.Linear):
+            out = cand
+    if out is not None and out.in_features != n_heads * dh:
+        out = None
+    return _SeparateQKV(q, k, v, out, n_heads, dh)  # type: ignore[arg-type]
+
+
+def _head_groups(model: nn.Module) -> list[ModuleGroup]:
+    from ntkit.models.layers import MultiHeadSelfAttention
+
+    names = _param_names(model)
+    groups: list[ModuleGroup] = []
+    for mname, m in model.named_modules():
+        layer = _layer_name(mname)
+        if isinstance(m, MultiHeadSelfAttention):
+            # fused qkv: rows [q; k; v], each block num_heads·head_dim rows; proj columns by head.
+            dh, n_heads = m.head_dim, m.num_heads
+            block = m.qkv.out_features // 3
+            qkv_w, proj_w = names[id(m.qkv.weight)], names[id(m.proj.weight)]
+            qkv_b = names[id(m.qkv.bias)] if m.qkv.bias is not None else None
+            for h in range(n_heads):
+                rows = [(j * block + h * dh, j * block + (h + 1) * dh) for j in range(3)]
+                slices = [ParamSlice(qkv_w, 0, a, b) for a, b in rows]
+                if qkv_b is not None:
+                    slices += [ParamSlice(qkv_b, 0, a, b) for a, b in rows]
+                slices.append(ParamSlice(proj_w, 1, h * dh, (h + 1) * dh))
+                groups.append(ModuleGroup(_qual(mname, f"head{h}"), "head", layer, tuple(slices)))
+            continue
+        att = _separate_qkv(model, mname, m)
+        if att is None:
+            continue
+        # K/V rows are per head only without grouped-query sharing; with fewer K/V heads (GQA /
+        # MQA) they serve several query heads and stay shared.
+        per_head = [att.q]
+        if att.k.out_features == att.q.out_features and att.v.out_features == att.q.out_features:
+            per_head += [att.k, att.v]
+        for h in range(att.num_heads):
+            a, b = h * att.head_dim, (h + 1) * att.head_dim
+            slices = []
+            for lin in per_head:
+                slices.append(ParamSlice(names[id(lin.weight)], 0, a, b))
+                if lin.bias is not None:
+                    slices.append(ParamSlice(names[id(lin.bias)], 0, a, b))
+            if att.out is not None:
+                slices.append(ParamSlice(names[id(att.out.weight)], 1, a, b))
+            groups.append(ModuleGroup(_qual(mname, f"head{h}"), "head", layer, tuple(slices)))
+    return groups
+
+
+def _expert_groups(model: nn.Module) -> list[ModuleGroup]:
+    from ntkit.models.layers import SwitchFFN
+
+    names = _param_names(model)
+    groups: list[ModuleGroup] = []
+    for mname, m in model.named_modules():
+        if isinstance(m, SwitchFFN):
+            for e, expert in enumerate(m.experts):
+                slices = tuple(_whole(names[id(p)], p) for p in expert.parameters() if p.dim() > 0)
+                groups.append(ModuleGroup(_qual(mname, f"expert{e}"), "expert", _layer_name(mname), slices))
+    return groups
+
+
+def _bn_by_structure(model: nn.Module) -> dict[str, nn.BatchNorm2d]:
+    """Conv name → the BatchNorm2d that consumes its output, by module structure:
+
+    1. the conv's next sibling in an ``nn.Sequential`` (VGG features, ResNet shortcut /
+       torchvision ``downsample``);
+    2. else a sibling attribute named like the conv with ``conv`` → ``bn`` (``conv1`` → ``bn1``,
+       ``conv`` → ``bn``; ResNet basic/bottleneck blocks and stems).
+    A candidate must have ``num_features == out_channels``; a BN claimed by an earlier conv is
+    not given to a second one.
+    """
+    out: dict[str, nn.BatchNorm2d] = {}
+    claimed: set[int] = set()
+    for pname, parent in model.named_modules():
+        children = list(parent.named_children())
+        for i, (cname, child) in enumerate(children):
+            if not isinstance(child, nn.Conv2d):
+                continue
+            cand: nn.Module | None = None
+            if isinstance(parent, nn.Sequential) and i + 1 < len(children):
+                cand = children[i + 1][1]
+            elif "conv" in cname:
+                cand = getattr(parent, cname.replace("conv", "bn"), None)
+            if (
+                isinstance(cand, nn.BatchNorm2d)
+                and cand.num_features == child.out_channels
+                and id(cand) not in claimed
+            ):
+                claimed.add(id(cand))
+                out.setdefault(_qual(pname, cname), cand)
+    return out
+
+
+def _bn_by_tracing(model: nn.Module, example_input: object) -> dict[str, nn.BatchNorm2d]:
+    """Conv name → the BatchNorm2d whose input *is* that conv's output tensor, found by running
+    ``model(example_input)`` once in eval mode under ``no_grad`` (running stats untouched)."""
+    conv_of_output: dict[int, str] = {}
+    keep: list[Tensor] = []  # hold outputs so their ids stay unique during the forward
+    found: dict[str, nn.BatchNorm2d] = {}
+    handles = []
+    modules = dict(model.named_modules())
+
+    def conv_hook(name: str):
+        def hook(_m: nn.Module, _inp: object, out: Tensor) -> None:
+            keep.append(out)
+            conv_of_output[id(out)] = name
+
+        return hook
+
+    def bn_hook(bn: nn.BatchNorm2d):
+        def hook(_m: nn.Module, inp: tuple[Tensor, ...]) -> None:
+            name = conv_of_output.get(id(inp[0]))
+            if name is not None and bn.num_features == inp[0].shape[1]:
+                found.setdefault(name, bn)
+
+        return hook
+
+    for name, m in modules.items():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook(name)))
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(bn_hook(m)))
+    modes = {name: m.training for name, m in modules.items()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, Mapping):
+                model(**example_input)
+            elif isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            else:
+                model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, m in modules.items():
+            m.training = modes[name]
+    return found
+
+
+def _filter_groups(model: nn.Module, example_input: object = None) -> list[ModuleGroup]:
+    names = _param_names(model)
+    bns = _bn_by_structure(model) if example_input is None else _bn_by_tracing(model, example_input)
+    groups: list[ModuleGroup] = []
+    for mname, m in model.named_modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        layer = _layer_name(mname)
+        w = names[id(m.weight)]
+        b = names[id(m.bias)] if m.bias is not None else None
+        bn = bns.get(mname)
+        bn_params = [] if bn is None or not bn.affine else [names[id(bn.weight)], names[id(bn.bias)]]
+        for c in range(m.out_channels):
+            slices = [ParamSlice(w, 0, c, c + 1)]
+            if b is not None:
+                slices.append(ParamSlice(b, 0, c, c + 1))
+            slices += [ParamSlice(p, 0, c, c + 1) for p in bn_params]
+            groups.append(ModuleGroup(_qual(mname, f"filter{c}"), "filter", layer, tuple(slices)))
+    return groups
+
+
+def _owners(model: nn.Module) -> dict[int, int]:
+    """id(parameter) → number of modules that register it directly (> 1: tied/shared)."""
+    count: dict[int, int] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                count[id(p)] = count.get(id(p), 0) + 1
+    return count
+
+
+def _neuron_groups(model: nn.Module) -> list[ModuleGroup]:
+    names = _param_names(model)
+    owners = _owners(model)
+    groups: list[ModuleGroup] = []
+    for mname, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or owners[id(m.weight)] > 1:
+            continue
+        w = names[id(m.weight)]
+        b = names[id(m.bias)] if m.bias is not None and owners[id(m.bias)] == 1 else None
+        layer = _layer_name(mname)
+        for r in range(m.out_features):
+            slices = [ParamSlice(w, 0, r, r + 1)]
+            if b is not None:
+                slices.append(ParamSlice(b, 0, r, r + 1))
+            groups.append(ModuleGroup(_qual(mname, f"neuron{r}"), "neuron", layer, tuple(slices)))
+    return groups
+
+
+def _finish(model: nn.Module, groups: list[ModuleGroup], what: str) -> Partition:
+    if not groups:
+        from ntkit.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"model {type(model).__name__}: has no {what} to partition")
+    return Partition(groups).bind(model)
+
+
+def attention_heads(model: nn.Module) -> Partition:
+    """One group per attention head (kind ``"head"``, layer = the attention module's name).
+
+    * :class:`ntkit.models.layers.MultiHeadSelfAttention` (fused QKV): head h of H (head_dim dh,
+      block size B = qkv.out_features / 3) owns ``qkv.weight`` / ``qkv.bias`` rows
+      ``[j·B + h·dh, j·B + (h+1)·dh)`` for j = 0, 1, 2 (its q, k and v rows) and ``proj.weight``
+      columns ``[h·dh, (h+1)·dh)``. ``proj.bias`` is shared by all heads and left out.
+    * HF-style attention with separate projections — ``query``/``key``/``value`` (BERT family;
+      output projection = the sibling ``<parent>.output.dense``) or ``q_proj``/``k_proj``/
+      ``v_proj`` with ``o_proj``/``out_proj`` (Llama, BART, transformers-5 ViT), with the head
+      count in ``num_attention_heads``, ``num_heads`` or ``config.num_attention_heads``: rows
+      ``[h·dh, (h+1)·dh)`` of each projection's weight and bias and the same columns of the output
+      projection (when found and of H·dh inputs; its bias is shared). With grouped-query / multi-
+      query attention (fewer K/V rows than Q rows) K and V serve several heads and stay shared:
+      a head is then its Q rows and output columns.
+
+    Raises UnsupportedModelError when the model has no such modules.
+    """
+    return _finish(model, _head_groups(model), "attention heads")
+
+
+def moe_experts(model: nn.Module) -> Partition:
+    """One group per :class:`ntkit.models.layers.SwitchFFN` expert (kind ``"expert"``, layer =
+    the SwitchFFN's name): every parameter of the expert, as whole tensors. The router is shared
+    (not covered)."""
+    return _finish(model, _expert_groups(model), "MoE experts")
+
+
+def conv_filters(model: nn.Module, example_input: object = None) -> Partition:
+    """One group per Conv2d output channel (kind ``"filter"``, layer = the conv's name): the
+    conv weight's row (dim 0), the conv bias entry if any, and — when a BatchNorm2d consumes the
+    conv's output — that BN's weight and bias at the channel (its running stats are buffers).
+
+    Which BN consumes a conv: without ``example_input``, by structure (the next module in an
+    ``nn.Sequential``; else the sibling named like the conv with ``conv`` → ``bn``, e.g.
+    ``conv1`` → ``bn1``; the channel counts must match). With ``example_input`` (what
+    ``model(...)`` takes; a tuple/list is unpacked as positional, a mapping as keyword
+    arguments), by tracing one eval-mode, no-grad forward:
+    the BN whose input tensor *is* the conv's output — robust to any module layout. No BN found:
+    the conv alone. Grouped/depthwise convs work (a filter is still one output channel).
+    """
+    return _finish(model, _filter_groups(model, example_input), "Conv2d filters")
+
+
+def linear_neurons(model: nn.Module) -> Partition:
+    """One group per ``nn.Linear`` output unit (kind ``"neuron"``, layer = the Linear's name):
+    weight row r and bias entry r. Linears whose weight is registered by another module too
+    (e.g. an MLM decoder tied to the token embedding) are skipped: their rows are also
+    embedding rows, used twice, and slicing them per neuron would mix two roles."""
+    return _finish(model, _neuron_groups(model), "nn.Linear layers")
+
+
+def layers(model: nn.Module) -> Partition:
+    """One group per module that registers parameters directly (kind ``"layer"``): its
+    parameters as whole tensors. A shared parameter belongs to the module whose name
+    ``named_parameters`` reports (the first owner). Together the groups cover every parameter
+    with ≥ 1 dimension, so Σ over groups of the mNTK is the full NTK. Group and layer names are
+    the module names (``"<root>"`` for parameters of the model itself, e.g. a ViT class token)."""
+    names = _param_names(model)
+    groups: list[ModuleGroup] = []
+    for mname, m in model.named_modules():
+        slices = tuple(
+            _whole(names[id(p)], p)
+            for local, p in m.named_parameters(recurse=False)
+            if p.dim() > 0 and names.get(id(p)) == _qual(mname, local)
+        )
+        if slices:
+            lay = _layer_name(mname)
+            groups.append(ModuleGroup(lay, "layer", lay, slices))
+    return _finish(model, groups, "parameters")
+
+
+def auto(model: nn.Module) -> Partition:
+    """The natural modules of ``model``: attention heads (+ MoE experts) for Transformers, conv
+    filters for conv nets (no attention), Linear neurons for MLPs. Raises UnsupportedModelError
+    when none applies."""
+    groups = _head_groups(model) + _expert_groups(model)
+    if groups:
+        return _finish(model, groups, "modules")
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return conv_filters(model)
+    return linear_neurons(model)
+

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ntkit._registry import Registry
 from ntkit.partition import Partition
 
-__all__ = ["LoopContext", "TrainingMethod", "METHODS", "register_method", "list_methods", "build_method"]
+__all__ = ["METHODS", "LoopContext", "TrainingMethod", "build_method", "list_methods", "register_method"]
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ntkit.errors import check
 
-__all__ = ["MultiHeadSelfAttention", "Expert", "SwitchFFN", "DenseFFN", "TransformerBlock"]
+__all__ = ["DenseFFN", "Expert", "MultiHeadSelfAttention", "SwitchFFN", "TransformerBlock"]
 
 
 class MultiHeadSelfAttention(nn.Module):
