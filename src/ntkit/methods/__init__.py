@@ -1,0 +1,61 @@
+"""Training methods: MAT, its baselines and the pruning methods, registered by name.
+
+Each method is a small object with loop hooks (:mod:`ntkit.methods.base`), built from a validated
+config dataclass::
+
+    from ntkit.methods import build_method, list_methods
+    list_methods()  # ['mat', 'mat_prune', 'multirate', 'rand', 'snip_struct', 'vanilla']
+    mat = build_method("mat", alpha={"head": 0.1}, beta=1e-3, start_epoch=5, interval=8)
+
+Pure decision rules live in :mod:`ntkit.methods.policies`, importance scores in
+:mod:`ntkit.methods.scores`.
+"""
+
+from __future__ import annotations
+
+from ntkit.methods import policies, scores
+from ntkit.methods.base import (
+    METHODS,
+    LoopContext,
+    TrainingMethod,
+    build_method,
+    list_methods,
+    register_method,
+)
+from ntkit.methods.mat import MAT, MATConfig
+from ntkit.methods.mat_prune import MATPrune, MATPruneConfig
+from ntkit.methods.multirate import Multirate, MultirateConfig
+from ntkit.methods.policies import modular_policy, protect, prune_lowest, temporal_policy
+from ntkit.methods.random_modules import Rand, RandConfig
+from ntkit.methods.scores import ntk_lambda_max, snip_scores
+from ntkit.methods.snip_struct import SnipStruct, SnipStructConfig
+from ntkit.methods.vanilla import Vanilla, VanillaConfig
+
+__all__ = [
+    "MAT",
+    "METHODS",
+    "LoopContext",
+    "MATConfig",
+    "MATPrune",
+    "MATPruneConfig",
+    "Multirate",
+    "MultirateConfig",
+    "Rand",
+    "RandConfig",
+    "SnipStruct",
+    "SnipStructConfig",
+    "TrainingMethod",
+    "Vanilla",
+    "VanillaConfig",
+    "build_method",
+    "list_methods",
+    "modular_policy",
+    "ntk_lambda_max",
+    "policies",
+    "protect",
+    "prune_lowest",
+    "register_method",
+    "scores",
+    "snip_scores",
+    "temporal_policy",
+]

@@ -1,0 +1,180 @@
+"""Small helpers shared by the method implementations (private)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from ntkit.errors import ConfigError, check
+from ntkit.partition import Partition
+
+__all__ = [
+    "apply_active",
+    "bool_list",
+    "broadcast_from_rank0",
+    "check_per_kind",
+    "controller_pruned",
+    "generator_state",
+    "kind_ids",
+    "make_config",
+    "native_layers",
+    "overhead",
+    "per_kind",
+    "set_generator_state",
+    "unwrap",
+]
+
+C = TypeVar("C")
+
+
+def make_config(cls: type[C], config: C | Mapping[str, Any] | None, kw: Mapping[str, Any], method: str) -> C:
+    """Build a config dataclass from an instance, a mapping, or keyword fields (not both).
+
+    Unknown fields raise a one-line :class:`ConfigError` naming the field.
+    """
+    if isinstance(config, cls):
+        if kw:
+            raise ConfigError(f"{method}: pass either config= or fields {sorted(kw)}, not both")
+        return config
+    fields = dict(config or {})
+    fields.update(kw)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name, value in fields.items():
+        if name not in known:
+            raise ConfigError(f"{method}.{name}={value!r}: unknown field; expected one of {sorted(known)}")
+    return cls(**fields)
+
+
+def per_kind(value: float | Mapping[str, float], kind: str) -> float | None:
+    """Resolve a per-kind setting: a number applies to every kind; a mapping to its keys only."""
+    if isinstance(value, Mapping):
+        v = value.get(kind)
+        return None if v is None else float(v)
+    return float(value)
+
+
+def check_per_kind(value: object, field: str, lo: float, hi: float | None) -> None:
+    """Validate a number or ``{kind: number}`` mapping with every value in ``[lo, hi]``."""
+    rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+    expected = f"a number {rng} or a mapping kind -> number {rng}"
+    vals = list(value.values()) if isinstance(value, Mapping) else [value]
+    if isinstance(value, Mapping):
+        check(len(value) > 0 and all(isinstance(k, str) for k in value), field, value, expected)
+    for v in vals:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+        check(ok, field, value, expected)
+
+
+def controller_pruned(controller: Any, m: int) -> Tensor:
+    """The controller's pruned set as bool [M] on CPU (all False if it does not track pruning)."""
+    pruned = getattr(controller, "pruned", None)
+    if pruned is None:
+        return torch.zeros(m, dtype=torch.bool)
+    return torch.as_tensor(pruned, dtype=torch.bool).detach().cpu().clone()
+
+
+def apply_active(controller: Any, active: Tensor) -> None:
+    """Send an active set (bool [M]) to the controller, if bound."""
+    if controller is not None:
+        controller.set_active(active.clone())
+
+
+def overhead(ctx: Any) -> contextlib.AbstractContextManager:
+    """``ctx.count_overhead()`` when the loop provides it, else a no-op context."""
+    fn = getattr(ctx, "count_overhead", None)
+    return fn() if fn is not None else contextlib.nullcontext()
+
+
+def generator_state(g: torch.Generator) -> list[int]:
+    """A CPU generator's state as a JSON-able list of bytes."""
+    return g.get_state().tolist()
+
+
+def set_generator_state(g: torch.Generator, state: list[int] | Tensor) -> None:
+    g.set_state(torch.as_tensor(state, dtype=torch.uint8))
+
+
+def bool_list(t: Tensor) -> list[bool]:
+    return [bool(x) for x in t.tolist()]
+
+
+def kind_ids(partition: Partition, per_layer: bool) -> Tensor:
+    """int64 [M]: one id per kind (or per (kind, layer) when ``per_layer``)."""
+    ids: dict[tuple[str, str], int] = {}
+    keys = [(g.kind, g.layer if per_layer else "") for g in partition]
+    return torch.tensor([ids.setdefault(k, len(ids)) for k in keys], dtype=torch.long)
+
+
+@contextlib.contextmanager
+def native_layers(controller: Any, model: torch.nn.Module) -> Iterator[None]:
+    """Run a measurement on the model as the controller's forward sees it, with native layers.
+
+    :func:`ntkit.sparse.attach` swaps covered layers for ``Sliced*`` subclasses; the mNTK engine
+    only has fast per-sample rules for the native classes (it falls back to ``torch.func`` for
+    the others, which is slower and cannot trace the sliced autograd Functions once groups are
+    pruned). Inside this context the original classes are restored and every pruned group's
+    parameter slices are zeroed in place — the same function as the pruned forward (a pruned
+    slice "acts as zero"); on exit the classes and the values come back bit for bit.
+
+    Workaround until the sparse package offers this itself: it reads the controller's private
+    ``_modules`` (``{name: (module, original_class)}``) and its ``partition``; a no-op for
+    controllers without them (or ``controller=None``).
+    """
+    mods = getattr(controller, "_modules", None)
+    partition = getattr(controller, "partition", None)
+    if not mods or partition is None:
+        yield
+        return
+    params = dict(model.named_parameters())
+    pruned = controller_pruned(controller, len(partition))
+    saved: list[tuple[Tensor, Tensor]] = []
+    swapped: list[tuple[torch.nn.Module, type]] = []
+    try:
+        with torch.no_grad():
+            for gi in pruned.nonzero(as_tuple=True)[0].tolist():
+                for s in partition[gi].slices:
+                    view = s.select(params[s.param])
+                    saved.append((view, view.clone()))
+                    view.zero_()
+        for module, orig in mods.values():
+            swapped.append((module, module.__class__))
+            module.__class__ = orig
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
+        with torch.no_grad():
+            for view, old in saved:
+                view.copy_(old)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (else ``model``)."""
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
+def broadcast_from_rank0(t: Tensor) -> Tensor:
+    """Rank 0's copy of ``t`` (a CPU tensor) on every rank when ``torch.distributed`` is initialised.
+
+    Decisions (active sets, masks) must be identical on all ranks (DESIGN.md §7); measurements
+    can differ in the last bits between ranks (different data shards or kernels), so the scores
+    that decisions are taken from are broadcast from rank 0. NCCL needs a CUDA buffer.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    dev = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+    buf = t.detach().to(dev).contiguous()
+    dist.broadcast(buf, src=0)
+    return buf.to(t.device)

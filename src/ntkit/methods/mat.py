@@ -1,0 +1,313 @@
+"""MAT — Modular Adaptive Training (seed 000 §B.1, seed 001 Eq. 4–7; DESIGN.md §3).
+
+Every ``interval`` epochs from ``start_epoch`` on, MAT measures the principal eigenvalue λmax of
+each module's mNTK on S random training samples (:func:`ntkit.methods.scores.ntk_lambda_max`,
+booked as overhead), then per module kind:
+
+1. modular policy — active iff λmax > λ_α = min + (max − min)·α (:func:`policies.modular_policy`);
+2. temporal policy — retire for good once Δ_t/Δ_1 < β (:func:`policies.temporal_policy`);
+3. protecting strategy — ≥ 1 active module per layer (:func:`policies.protect`).
+
+The decision goes to the sparse controller (``set_active``): inactive modules are skipped by the
+partial backward (their weight gradients are never computed and their optimizer state is not
+touched); they still run forward. Modules whose kind has no α are not governed: always active.
+Pruned modules (``controller.pruned``) are never measured and never active.
+
+Example::
+
+    method = build_method("mat", alpha={"head": 0.1}, beta=1e-3, start_epoch=5, interval=8)
+    method.bind(model, partition, ctl)
+    # ... the loop calls the hooks (see ntkit.methods.base)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ntkit.errors import ConfigError, check
+from ntkit.methods import scores
+from ntkit.methods._common import (
+    apply_active,
+    bool_list,
+    broadcast_from_rank0,
+    check_per_kind,
+    controller_pruned,
+    generator_state,
+    make_config,
+    overhead,
+    per_kind,
+    set_generator_state,
+    unwrap,
+)
+from ntkit.methods.base import LoopContext, TrainingMethod, register_method
+from ntkit.methods.policies import modular_policy, protect, temporal_policy
+from ntkit.partition import Partition
+
+__all__ = ["MAT", "MATConfig"]
+
+
+def _default_alpha() -> dict[str, float]:
+    return {"head": 0.1, "expert": 0.2, "filter": 0.2}
+
+
+@dataclass
+class MATConfig:
+    """Settings of MAT (defaults: the paper's BERT / Switch / VGG values, seed 000 §B.1).
+
+    Attributes:
+        alpha: α ∈ [0, 1] per module kind, e.g. ``{"head": 0.1, "expert": 0.2, "filter": 0.2}``;
+            a single number applies to every kind. Kinds without an α are not governed (always
+            active). Larger α = higher threshold = fewer active modules.
+        beta: β ≥ 0 of the temporal policy (a number, or a mapping per kind); a module retires
+            once Δ_t/Δ_1 < β. 0 disables retirement.
+        num_samples: S ≥ 2, training samples drawn for each mNTK evaluation (Grams are S×S).
+        start_epoch: ≥ 1; the first evaluation runs at the end of epoch ``start_epoch − 1``
+            (0-based), i.e. after ``start_epoch`` full epochs; before it every module is active.
+        interval: ≥ 1, epochs between evaluations (evaluate when ``epoch + 1 ≥ start_epoch`` and
+            ``(epoch + 1 − start_epoch) % interval == 0``).
+        protect: keep ≥ 1 active module per layer (the protecting strategy).
+        seed: seed of the generator that draws the S samples (saved in ``state_dict``).
+    """
+
+    alpha: float | dict[str, float] = field(default_factory=_default_alpha)
+    beta: float | dict[str, float] = 1e-3
+    num_samples: int = 64
+    start_epoch: int = 5
+    interval: int = 8
+    protect: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_per_kind(self.alpha, "alpha", 0.0, 1.0)
+        check_per_kind(self.beta, "beta", 0.0, None)
+        _check_int(self.num_samples, "num_samples", 2)
+        _check_int(self.start_epoch, "start_epoch", 1)
+        _check_int(self.interval, "interval", 1)
+        check(isinstance(self.protect, bool), "protect", self.protect, "a bool")
+        _check_int(self.seed, "seed", None)
+
+
+def _check_int(value: object, name: str, lo: int | None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and (lo is None or value >= lo)
+    check(ok, name, value, "an integer" + (f" >= {lo}" if lo is not None else ""))
+
+
+def _nan(m: int) -> Tensor:
+    return torch.full((m,), float("nan"), dtype=torch.float64)
+
+
+def _floats(t: Tensor) -> list[float | None]:
+    """float tensor → JSON-able list (NaN → None)."""
+    return [None if math.isnan(x) else float(x) for x in t.tolist()]
+
+
+def _tensor(xs: list[float | None]) -> Tensor:
+    return torch.tensor([float("nan") if x is None else float(x) for x in xs], dtype=torch.float64)
+
+
+@register_method("mat")
+class MAT(TrainingMethod):
+    """Modular Adaptive Training.
+
+    Args:
+        config: a :class:`MATConfig` or a mapping of its fields; or pass the fields as keywords.
+
+    State (all [M], in partition order): ``active`` (bool, the current decision), ``retired``
+    (bool), ``prev_lmax`` (float64, λmax at the last evaluation, NaN if none), ``delta1``
+    (float64, Δ_1, NaN until the 2nd evaluation). ``history`` holds one record per evaluation:
+    ``{"event": "mat", "epoch", "step", "evaluation", "lambda_max": {module: λ},
+    "threshold": {kind: λ_α}, "active": [module, …], "retired": [newly retired module, …],
+    "num_active": {kind: n}}``.
+    """
+
+    name = "mat"
+    config_class: type[MATConfig] = MATConfig
+
+    def __init__(self, config: MATConfig | Mapping[str, Any] | None = None, **kw: Any) -> None:
+        super().__init__()
+        self.config = make_config(self.config_class, config, kw, self.name)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.active: Tensor | None = None
+        self.retired: Tensor | None = None
+        self.prev_lmax: Tensor | None = None
+        self.delta1: Tensor | None = None
+        self.evaluations = 0
+        self._alpha: dict[str, float] = {}
+        self._beta: Tensor | None = None
+        self._dirty = False
+
+    # ------------------------------------------------------------------ binding
+    def bind(self, model: nn.Module, partition: Partition, controller: Any) -> None:
+        super().bind(model, partition, controller)
+        kinds = list(dict.fromkeys(partition.kinds))
+        self._alpha = {k: a for k in kinds if (a := per_kind(self.config.alpha, k)) is not None}
+        if not self._alpha:
+            raise ConfigError(
+                f"{self.name}.alpha={self.config.alpha!r}: no key matches the partition kinds {kinds}"
+            )
+        self._beta = torch.tensor(
+            [per_kind(self.config.beta, g.kind) or 0.0 for g in partition], dtype=torch.float64
+        )
+        m = len(partition)
+        if self.active is None:
+            self.active = ~controller_pruned(controller, m)
+            self.retired = torch.zeros(m, dtype=torch.bool)
+            self.prev_lmax, self.delta1 = _nan(m), _nan(m)
+        else:
+            check(
+                self.active.numel() == m,
+                "state.active",
+                self.active.numel(),
+                f"{m} modules (the partition's M)",
+            )
+        self._dirty = True
+        self._sync()
+
+    @property
+    def governed(self) -> Tensor:
+        """bool [M]: modules whose kind has an α (the ones MAT decides about)."""
+        assert self.partition is not None, "bind() first"
+        return torch.tensor([g.kind in self._alpha for g in self.partition], dtype=torch.bool)
+
+    def _sync(self) -> None:
+        if self._dirty and self.controller is not None and self.active is not None:
+            apply_active(self.controller, self.active)
+            self._dirty = False
+
+    # ------------------------------------------------------------------ hooks
+    def before_step(self, ctx: LoopContext) -> None:
+        self._sync()
+
+    def due(self, epoch: int) -> bool:
+        """Whether an evaluation runs at the end of (0-based) ``epoch``."""
+        e, c = epoch + 1, self.config
+        return e >= c.start_epoch and (e - c.start_epoch) % c.interval == 0
+
+    def on_epoch_end(self, ctx: LoopContext) -> None:
+        if self.due(ctx.epoch):
+            self.decide(ctx, self.measure(ctx, self.governed))
+
+    # ------------------------------------------------------------------ the algorithm
+    def measure(self, ctx: LoopContext, which: Tensor) -> Tensor:
+        """λmax of the unpruned modules selected by ``which`` (bool [M]); float64 [M], NaN elsewhere.
+
+        Draws S samples with ``ctx.ntk_batch(S, self.generator)``; the engine call runs inside
+        ``ctx.count_overhead()``. During the measurement every unpruned module is made active
+        (so no strategy of the engine sees a partial backward), the controller's sliced layers
+        run as their native classes with pruned slices zeroed (:func:`_common.native_layers`, so
+        the engine's fast hook strategy applies), and everything is restored after. Under
+        ``torch.distributed`` the λmax of rank 0 are broadcast, so all ranks decide the same.
+        """
+        assert self.partition is not None, "bind() first"
+        check(ctx.ntk_batch is not None, "LoopContext.ntk_batch", None, f"a sampler; {self.name} needs one")
+        m = len(self.partition)
+        pruned = controller_pruned(self.controller, m)
+        idx = (which & ~pruned).nonzero(as_tuple=True)[0]
+        out = _nan(m)
+        if idx.numel() == 0:
+            return out
+        inputs, output_mask = ctx.ntk_batch(self.config.num_samples, self.generator)  # type: ignore[misc]
+        with overhead(ctx):
+            if self.controller is not None:
+                apply_active(self.controller, ~pruned)
+            try:
+                part = self.partition.subset(idx.tolist())
+                lmax = scores.ntk_lambda_max(
+                    unwrap(ctx.model), inputs, part, output_mask, controller=self.controller
+                )
+                lmax = broadcast_from_rank0(lmax)
+            finally:
+                self._dirty = True
+                self._sync()
+        out[idx] = lmax
+        return out
+
+    def decide(self, ctx: LoopContext, lmax: Tensor) -> Tensor:
+        """Apply the three policies to a measurement (float64 [M], NaN = not measured), update
+        the state, send the active set to the controller, log, and return it (bool [M])."""
+        assert self.partition is not None and self._beta is not None, "bind() first"
+        assert self.active is not None and self.retired is not None
+        assert self.prev_lmax is not None and self.delta1 is not None
+        m = len(self.partition)
+        pruned = controller_pruned(self.controller, m)
+        measured = ~torch.isnan(lmax)
+        governed = self.governed
+        # temporal policy (before the modular one: a module retired now is inactive now)
+        step = temporal_policy(lmax, self.prev_lmax, self.delta1, self._beta)
+        newly = step.retire & ~self.retired & governed
+        self.retired = self.retired | (step.retire & governed)
+        self.prev_lmax = torch.where(measured, lmax, self.prev_lmax)
+        self.delta1 = step.delta1
+        # modular policy per kind, over the measured (unpruned) modules of the kind
+        active = ~pruned & ~governed
+        thresholds: dict[str, float] = {}
+        kinds = self.partition.kinds
+        for kind, alpha in self._alpha.items():
+            sel = torch.tensor([k == kind for k in kinds], dtype=torch.bool) & measured
+            if not bool(sel.any()):
+                continue
+            act, thresholds[kind] = modular_policy(lmax[sel], alpha)
+            active[sel] = act & ~self.retired[sel]
+        if self.config.protect:
+            score = torch.where(measured, lmax, torch.tensor(float("-inf"), dtype=torch.float64))
+            active = protect(
+                active, score, self.partition.layers, eligible=governed & measured, preferred=~self.retired
+            )
+        self.active = active & ~pruned
+        self.evaluations += 1
+        self._dirty = True
+        self._sync()
+        names = self.partition.names
+        rec = {
+            "event": "mat",
+            "epoch": int(ctx.epoch),
+            "step": int(ctx.step),
+            "evaluation": self.evaluations,
+            "lambda_max": {names[i]: float(lmax[i]) for i in measured.nonzero(as_tuple=True)[0].tolist()},
+            "threshold": thresholds,
+            "active": [names[i] for i in self.active.nonzero(as_tuple=True)[0].tolist()],
+            "retired": [names[i] for i in newly.nonzero(as_tuple=True)[0].tolist()],
+            "num_active": {
+                k: int(sum(1 for i, g in enumerate(self.partition) if g.kind == k and bool(self.active[i])))
+                for k in self._alpha
+            },
+        }
+        self.history.append(rec)
+        ctx.log(rec)
+        return self.active.clone()
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """JSON-able state for exact resume (history, RNG, decision and temporal state)."""
+        st: dict[str, Any] = {
+            "history": list(self.history),
+            "generator": generator_state(self.generator),
+            "evaluations": self.evaluations,
+        }
+        if self.active is not None:
+            assert self.retired is not None and self.prev_lmax is not None and self.delta1 is not None
+            st.update(
+                active=bool_list(self.active),
+                retired=bool_list(self.retired),
+                prev_lmax=_floats(self.prev_lmax),
+                delta1=_floats(self.delta1),
+            )
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        set_generator_state(self.generator, state["generator"])
+        self.evaluations = int(state.get("evaluations", 0))
+        if "active" in state:
+            self.active = torch.tensor(state["active"], dtype=torch.bool)
+            self.retired = torch.tensor(state["retired"], dtype=torch.bool)
+            self.prev_lmax = _tensor(state["prev_lmax"])
+            self.delta1 = _tensor(state["delta1"])
+            self._dirty = True
+            self._sync()

@@ -1,0 +1,165 @@
+"""Structured SNIP at initialisation (Lee et al. 2019, per module as in seed 000 Table 5).
+
+Before the first optimizer step, each module of ``kind`` is scored by
+:func:`ntkit.methods.scores.snip_scores` (Σ |θ ⊙ ∂L/∂θ| over its slices, on ``num_batches``
+labelled batches, booked as overhead) and the lowest ``fraction`` are pruned
+(``controller.set_pruned``), keeping ≥ 1 per layer when ``protect``. The rest train normally.
+
+The loss on a labelled batch comes from the loop: pass ``loss_fn=`` (``loss_fn(model)`` → scalar)
+when building the method, e.g. ``build_method("snip_struct", fraction=0.75, loss_fn=fn)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ntkit.errors import ConfigError, check
+from ntkit.methods._common import (
+    apply_active,
+    bool_list,
+    broadcast_from_rank0,
+    controller_pruned,
+    make_config,
+    overhead,
+    unwrap,
+)
+from ntkit.methods.base import LoopContext, TrainingMethod, register_method
+from ntkit.methods.policies import prune_lowest
+from ntkit.methods.scores import snip_scores
+from ntkit.partition import Partition
+
+__all__ = ["SnipStruct", "SnipStructConfig"]
+
+
+@dataclass
+class SnipStructConfig:
+    """Settings of structured SNIP.
+
+    Attributes:
+        fraction: share of ``kind``'s modules pruned at step 0, in [0, 1) (paper: 0.5 and 0.75).
+        kind: the module kind scored and pruned (e.g. ``"head"``).
+        num_batches: ≥ 1 labelled batches whose averaged gradient gives the scores.
+        protect: keep ≥ 1 module per layer.
+    """
+
+    fraction: float = 0.5
+    kind: str = "head"
+    num_batches: int = 1
+    protect: bool = True
+
+    def __post_init__(self) -> None:
+        ok = isinstance(self.fraction, (int, float)) and not isinstance(self.fraction, bool)
+        check(ok and 0.0 <= self.fraction < 1.0, "fraction", self.fraction, "a number in [0, 1)")
+        check(isinstance(self.kind, str) and bool(self.kind), "kind", self.kind, "a module kind name")
+        ok = isinstance(self.num_batches, int) and not isinstance(self.num_batches, bool)
+        check(ok and self.num_batches >= 1, "num_batches", self.num_batches, "an integer >= 1")
+        check(isinstance(self.protect, bool), "protect", self.protect, "a bool")
+
+
+@register_method("snip_struct")
+class SnipStruct(TrainingMethod):
+    """Prune the lowest-SNIP-score modules once, before the first step.
+
+    Args:
+        config: a :class:`SnipStructConfig` or a mapping of its fields (or the fields as keywords).
+        loss_fn: ``loss_fn(model)`` → scalar loss on one labelled batch (required before step 0).
+
+    ``history`` gets ``{"event": "prune", "epoch", "step", "criterion": "snip", "scores":
+    {module: s}, "pruned": [module, …]}``.
+    """
+
+    name = "snip_struct"
+
+    def __init__(
+        self,
+        config: SnipStructConfig | Mapping[str, Any] | None = None,
+        *,
+        loss_fn: Callable[[nn.Module], Tensor] | None = None,
+        **kw: Any,
+    ) -> None:
+        super().__init__()
+        self.config = make_config(SnipStructConfig, config, kw, self.name)
+        self.loss_fn = loss_fn
+        self.done = False
+        self.pruned: Tensor | None = None
+
+    def bind(self, model: nn.Module, partition: Partition, controller: Any) -> None:
+        super().bind(model, partition, controller)
+        self._kind_mask()
+        if self.pruned is not None and controller is not None:
+            controller.set_pruned(self.pruned.clone())
+        apply_active(controller, ~controller_pruned(controller, len(partition)))
+
+    def _kind_mask(self) -> Tensor:
+        assert self.partition is not None, "bind() first"
+        mask = torch.tensor([g.kind == self.config.kind for g in self.partition], dtype=torch.bool)
+        check(
+            bool(mask.any()),
+            "kind",
+            self.config.kind,
+            f"a kind present in the partition {sorted(set(self.partition.kinds))}",
+        )
+        return mask
+
+    def before_step(self, ctx: LoopContext) -> None:
+        if not self.done:
+            self.prune(ctx)
+
+    def prune(self, ctx: LoopContext) -> Tensor:
+        """Score, prune and activate the rest; returns the pruned set (bool [M])."""
+        assert self.partition is not None, "bind() first"
+        if self.loss_fn is None:
+            raise ConfigError("snip_struct.loss_fn=None: expected a callable loss_fn(model) -> scalar loss")
+        m = len(self.partition)
+        old = controller_pruned(self.controller, m)
+        eligible = self._kind_mask() & ~old
+        apply_active(self.controller, ~old)  # every unpruned module gets its gradient scored
+        with overhead(ctx):
+            score = snip_scores(
+                unwrap(ctx.model), self.partition, self.loss_fn, num_batches=self.config.num_batches
+            )
+        score = broadcast_from_rank0(score)
+        new = prune_lowest(
+            score,
+            self.config.fraction,
+            self.partition.layers,
+            eligible=eligible,
+            protect_layers=self.config.protect,
+        )
+        self.pruned = old | new
+        if self.controller is not None:
+            self.controller.set_pruned(self.pruned.clone())
+        apply_active(self.controller, ~self.pruned)
+        self.done = True
+        names = self.partition.names
+        rec = {
+            "event": "prune",
+            "epoch": int(ctx.epoch),
+            "step": int(ctx.step),
+            "criterion": "snip",
+            "scores": {names[i]: float(score[i]) for i in eligible.nonzero(as_tuple=True)[0].tolist()},
+            "pruned": [names[i] for i in new.nonzero(as_tuple=True)[0].tolist()],
+        }
+        self.history.append(rec)
+        ctx.log(rec)
+        return self.pruned.clone()
+
+    def state_dict(self) -> dict:
+        st: dict[str, Any] = {"history": list(self.history), "done": self.done}
+        if self.pruned is not None:
+            st["pruned"] = bool_list(self.pruned)
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.done = bool(state.get("done", False))
+        if "pruned" in state:
+            self.pruned = torch.tensor(state["pruned"], dtype=torch.bool)
+            if self.controller is not None:
+                self.controller.set_pruned(self.pruned.clone())
+                apply_active(self.controller, ~self.pruned)
