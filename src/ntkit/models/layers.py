@@ -110,7 +110,7 @@ class SwitchFFN(nn.Module):
             dispatch.append(idx)
             if idx.numel():
                 y = expert(flat.index_select(0, idx)) * gate.index_select(0, idx).unsqueeze(-1)
-                out = out.index_add(0, idx, y)
+                out = out.index_add(0, idx, y.to(out.dtype))
         frac = torch.bincount(choice, minlength=e_total).to(probs.dtype) / n
         self.aux_loss = e_total * (frac * probs.mean(dim=0)).sum()
         self.last_dispatch = dispatch

@@ -1,0 +1,290 @@
+"""Benchmark: partial backward (``ntkit.sparse``) — time and executed FLOPs vs the full backward.
+
+Everything is measured side by side in one run: configurations are interleaved within each
+repeat and the median over repeats is reported (single layers get 3× the repeats: they are
+cheap and their sub-100 ms timings are the noisiest); the baseline (the plain, unattached layer /
+model with ``torch.optim.AdamW``) is measured in the same run.
+
+* Per sliced layer type — Linear rows (a fused QKV projection, 50% of heads), Linear columns
+  (the output projection, 50% of heads), Conv2d filters (+ BN affine, 50% of filters), MoE
+  experts (a SwitchFFN, 50% of experts): **backward** time and executed FLOPs (FlopCounterMode:
+  matmuls / convolutions) at 50% active over the full backward. Something upstream trains (the
+  input requires grad), so input gradients are still computed.
+* Per model — ``bert_mlm('small')`` (heads), ``vgg16`` (filters), ``switch_mlm('small', 4)``
+  (experts): **training-step** time (forward + backward + optimizer step) and FLOPs at
+  100/75/50/25% of the groups active (that fraction of each layer's groups, random, ≥ 1).
+
+The floor: only the weight-gradient work of inactive slices is saved. Forward and input
+gradients are unchanged (they are needed), and parameters outside the partition (embeddings,
+FFNs, norms, the MLM decoder, classifier) train fully, so at 50% active a layer's FLOP ratio is
+about 0.75 (fwd 1 + dX 1 + dW ½ over 3 for the step, dX 1 + dW ½ over 2 for the backward) and a
+model's is higher. Time can only approach the FLOP ratio: the sliced path adds a gather of the
+output gradient for the active slices and a scatter of their weight gradient, elementwise work
+(norms, activations, softmax, optimizer) does not shrink, and BLAS / oneDNN efficiency is not
+linear in matrix size. Target: time ratio ≤ FLOP ratio + 0.05 at 50%.
+
+    python bench/partial_backward.py --quick          # smoke test (seconds)
+    python bench/partial_backward.py                   # full sizes; writes bench/results/partial_backward.json
+    ntkit bench backward --repeats 9 --out my.json
+
+The last stdout line is JSON: ``{name: {"flops_ratio_50": …, "time_ratio_50": …}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ntkit import partition as P
+from ntkit.models import build_model, mlm_loss
+from ntkit.models.layers import MultiHeadSelfAttention, SwitchFFN
+from ntkit.partition import Partition
+from ntkit.sparse import SlicedAdamW, attach
+
+__all__ = ["main"]
+
+FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+_CLOCK: Callable[[], float] = time.perf_counter
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "partial_backward.json"
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return int(fc.get_total_flops())
+
+
+def _active_fraction(part: Partition, frac: float, seed: int = 0) -> Tensor:
+    """``frac`` of each layer's groups active (random, at least one per layer)."""
+    g = torch.Generator().manual_seed(seed)
+    active = torch.zeros(len(part), dtype=torch.bool)
+    by_layer: dict[str, list[int]] = {}
+    for i, lay in enumerate(part.layers):
+        by_layer.setdefault(lay, []).append(i)
+    for idx in by_layer.values():
+        k = max(1, round(frac * len(idx)))
+        pick = torch.randperm(len(idx), generator=g)[:k]
+        active[torch.tensor(idx)[pick]] = True
+    return active
+
+
+def _interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Median seconds per configuration; each fn returns the seconds it measured."""
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(fn())
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _strip(part: Partition, prefix: str) -> Partition:
+    """Partition built on a wrapper ``nn.Sequential(layer)`` → names relative to ``layer``."""
+    spec = {g.name: [(s.param[len(prefix):], s.dim, range(s.start, s.stop)) for s in g.slices] for g in part}
+    return Partition.from_slices(spec, kind={g.name: g.kind for g in part}, layer={g.name: g.layer for g in part})
+
+
+# ----------------------------------------------------------------------------------- layers
+def _layer_cases(quick: bool) -> dict[str, tuple[nn.Module, Partition, Callable[[], Tensor]]]:
+    n_tok = 256 if quick else 4096
+    d, heads = (128, 4) if quick else (512, 8)
+    cases: dict[str, tuple[nn.Module, Partition, Callable[[], Tensor]]] = {}
+    attn = MultiHeadSelfAttention(d, heads)
+    hp = P.attention_heads(nn.Sequential(attn))
+    rows = _strip(Partition([type(g)(g.name, g.kind, g.layer, tuple(s for s in g.slices if "qkv" in s.param))
+                             for g in hp]), "0.qkv.")
+    cols = _strip(Partition([type(g)(g.name, g.kind, g.layer, tuple(s for s in g.slices if "proj" in s.param))
+                             for g in hp]), "0.proj.")
+    cases["linear_rows"] = (attn.qkv, rows.bind(attn.qkv), lambda: torch.randn(n_tok, d, requires_grad=True))
+    cases["linear_columns"] = (attn.proj, cols.bind(attn.proj), lambda: torch.randn(n_tok, d, requires_grad=True))
+    c, hw, b = (32, 16, 16) if quick else (64, 32, 64)
+    conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+    cases["conv2d_filters"] = (conv, P.conv_filters(conv), lambda: torch.randn(b, c, hw, hw, requires_grad=True))
+    moe = SwitchFFN(d, 4 * d, 4)
+    ep = _strip(P.moe_experts(nn.Sequential(moe)), "0.")
+    cases["moe_experts"] = (moe, ep.bind(moe), lambda: torch.randn(n_tok // 64, 64, d, requires_grad=True))
+    return cases
+
+
+def bench_layer(name: str, layer: nn.Module, part: Partition, make_x: Callable[[], Tensor],
+                repeats: int) -> dict[str, Any]:
+    """Backward time / FLOPs of ``layer`` at 50% active vs the plain layer."""
+    torch.manual_seed(0)
+    x = make_x()
+    full = layer
+    sliced = copy.deepcopy(layer)
+    ctl = attach(sliced, copy.deepcopy(part))
+    ctl.set_active(_active_fraction(part, 0.5))
+    gy = torch.randn_like(full(x))
+
+    def bwd_time(m: nn.Module) -> Callable[[], float]:
+        def run() -> float:
+            y = m(x)
+            x.grad = None
+            m.zero_grad(set_to_none=True)
+            t0 = _CLOCK()
+            y.backward(gy)
+            return _CLOCK() - t0
+
+        return run
+
+    def bwd_flops(m: nn.Module) -> int:
+        y = m(x)
+        return _flops(lambda: y.backward(gy))
+
+    t = _interleaved({"full": bwd_time(full), "half": bwd_time(sliced)}, repeats)
+    f_full, f_half = bwd_flops(full), bwd_flops(sliced)
+    return {
+        "what": "backward",
+        "time_full_s": t["full"], "time_50_s": t["half"],
+        "flops_full": f_full, "flops_50": f_half,
+        "flops_ratio_50": f_half / f_full, "time_ratio_50": t["half"] / t["full"],
+    }
+
+
+# ----------------------------------------------------------------------------------- models
+def _model_cases(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Partition],
+                                               Callable[[], tuple[Tensor, ...]], str]]:
+    b, t = (2, 32) if quick else (8, 128)
+    vocab = 8000
+
+    def mlm_batch() -> tuple[Tensor, ...]:
+        ids = torch.randint(vocab, (b, t))
+        labels = torch.where(torch.rand(b, t) < 0.15, ids, torch.full_like(ids, -100))
+        return ids, labels
+
+    vb, width = (4, 0.25) if quick else (64, 1.0)
+    return {
+        "bert_mlm_small_heads": (lambda: build_model("bert_mlm", size="small", vocab_size=vocab),
+                                 P.attention_heads, mlm_batch, "mlm"),
+        "vgg16_filters": (lambda: build_model("vgg16", width=width), P.conv_filters,
+                          lambda: (torch.randn(vb, 3, 32, 32), torch.randint(10, (vb,))), "cls"),
+        "switch_mlm_small_experts": (lambda: build_model("switch_mlm", size="small", num_experts=4, vocab_size=vocab),
+                                     P.moe_experts, mlm_batch, "mlm"),
+    }
+
+
+def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[Tensor, ...], task: str) -> Callable[[], None]:
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = model(batch[0])
+        if task == "mlm":
+            loss = mlm_loss(out, batch[1]) + 0.01 * model.aux_loss()
+        else:
+            loss = nn.functional.cross_entropy(out, batch[1])
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[nn.Module], Partition],
+                make_batch: Callable[[], tuple[Tensor, ...]], task: str, repeats: int) -> dict[str, Any]:
+    """Training-step time / FLOPs at each active fraction vs the plain model + torch AdamW."""
+    torch.manual_seed(0)
+    base = build().train()
+    batch = make_batch()
+    steps: dict[str, Callable[[], None]] = {
+        "full": _step_fn(base, torch.optim.AdamW(base.parameters(), lr=1e-4), batch, task)
+    }
+    models: dict[str, nn.Module] = {"full": base}
+    for frac in FRACTIONS:
+        m = copy.deepcopy(base)
+        part = make_part(m)
+        ctl = attach(m, part)
+        ctl.set_active(_active_fraction(part, frac))
+        key = f"{int(frac * 100)}%"
+        steps[key] = _step_fn(m, SlicedAdamW(m, ctl, lr=1e-4), batch, task)
+        models[key] = m
+
+    def timed(fn: Callable[[], None]) -> Callable[[], float]:
+        def run() -> float:
+            torch.manual_seed(1)  # same dropout / routing randomness for every configuration
+            t0 = _CLOCK()
+            fn()
+            return _CLOCK() - t0
+
+        return run
+
+    t = _interleaved({k: timed(fn) for k, fn in steps.items()}, repeats)
+    flops = {}
+    for k, fn in steps.items():
+        torch.manual_seed(1)
+        flops[k] = _flops(fn)
+    res: dict[str, Any] = {"what": "training step", "time_s": t, "flops": flops}
+    res["flops_ratio"] = {k: flops[k] / flops["full"] for k in steps}
+    res["time_ratio"] = {k: t[k] / t["full"] for k in steps}
+    res["flops_ratio_50"], res["time_ratio_50"] = res["flops_ratio"]["50%"], res["time_ratio"]["50%"]
+    return res
+
+
+# ----------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke test)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 7; quick 3)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    names = list(_layer_cases(True)) + list(_model_cases(True))
+    ap.add_argument("--only", nargs="+", default=None, choices=names, metavar="CASE",
+                    help=f"subset of cases to run: {', '.join(names)}")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall time (default) or process CPU time (steadier on a busy machine)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    args = ap.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        ap.error(f"--repeats={args.repeats}: expected an integer >= 1")
+    repeats = args.repeats or (3 if args.quick else 7)
+    global _CLOCK
+    _CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    results: dict[str, dict[str, Any]] = {}
+    for name, (layer, part, make_x) in _layer_cases(args.quick).items():
+        if args.only is None or name in args.only:
+            results[name] = bench_layer(name, layer, part, make_x, 3 * repeats)  # cheap: more repeats
+    for name, (build, make_part, make_batch, task) in _model_cases(args.quick).items():
+        if args.only is None or name in args.only:
+            results[name] = bench_model(name, build, make_part, make_batch, task, repeats)
+
+    print(f"partial backward, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{repeats} interleaved repeats (medians), {args.clock} clock{' [quick]' if args.quick else ''}")
+    print(f"{'case':<28}{'measured':<15}{'active':>7}{'time s':>10}{'time ratio':>12}{'FLOP ratio':>12}{'ok':>5}")
+    for name, r in results.items():
+        if r["what"] == "backward":
+            rows = [("100%", r["time_full_s"], 1.0, 1.0), ("50%", r["time_50_s"], r["time_ratio_50"], r["flops_ratio_50"])]
+        else:
+            rows = [(k, r["time_s"][k], r["time_ratio"][k], r["flops_ratio"][k]) for k in r["time_s"] if k != "full"]
+            rows.insert(0, ("plain", r["time_s"]["full"], 1.0, 1.0))
+        for k, ts, tr, fr in rows:
+            ok = "" if k != "50%" else ("yes" if tr <= fr + 0.05 else "NO")
+            print(f"{name:<28}{r['what']:<15}{k:>7}{ts:>10.4f}{tr:>12.3f}{fr:>12.3f}{ok:>5}")
+    summary = {k: {"flops_ratio_50": round(v["flops_ratio_50"], 4), "time_ratio_50": round(v["time_ratio_50"], 4)}
+               for k, v in results.items()}
+    payload = {
+        "config": {"quick": args.quick, "repeats": repeats, "clock": args.clock, "threads": torch.get_num_threads(),
+                   "torch": torch.__version__, "platform": platform.platform(), "only": args.only},
+        "results": results,
+        "summary": summary,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {args.out}")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,385 @@
+"""Sliced autograd: custom ``torch.autograd.Function`` s that execute only the active work.
+
+Private module. :mod:`ntkit.sparse.controller` swaps the class of each covered layer for a
+``Sliced*`` subclass (same parameters, same names, same ``state_dict``) whose ``forward`` either
+calls the native op (plan ``None``: everything active, nothing pruned) or one of the Functions
+below, driven by a :class:`LayerPlan`:
+
+* ``*_keep``: indices (along the sliced dim) that are not pruned. Pruned rows / filters / columns
+  are never multiplied: forward computes only kept outputs (or reads only kept input columns) and
+  writes zeros elsewhere, exactly as if the pruned slices were zero.
+* ``*_grad``: indices whose weight gradient is computed (active ⊆ kept). The weight gradient is a
+  full-shaped tensor with zeros outside the active indices; only the active part is ever multiplied.
+
+Input gradients are computed only when autograd asks for them (``ctx.needs_input_grad``), i.e.
+when something upstream trains; the controller sets ``requires_grad=False`` on covered parameters
+whose groups are all inactive, so a frozen prefix costs no backward at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["SLICEABLE", "Idx", "LayerPlan", "sliced_class"]
+
+
+class Idx:
+    """A set of indices along one dimension of size ``size``: contiguous (uses ``narrow``),
+    blocked (every run of the set starts and stops on a multiple of a block length L > 1, e.g. a
+    head's dh rows: gathers whole blocks, which copies contiguous memory) or arbitrary
+    (``index_select`` / ``index_copy_``). ``index``: LongTensor [k] (sorted, unique)."""
+
+    def __init__(self, index: Tensor, size: int) -> None:
+        self.index = index.to(torch.long).cpu()
+        self.size = int(size)
+        k = int(self.index.numel())
+        self.start = int(self.index[0]) if k else 0
+        self.stop = int(self.index[-1]) + 1 if k else 0
+        self.contiguous = k == 0 or self.stop - self.start == k
+        self.block = 1
+        if not self.contiguous:
+            breaks = torch.nonzero(self.index[1:] != self.index[:-1] + 1).flatten()
+            starts = torch.cat([self.index[:1], self.index[breaks + 1]])
+            stops = torch.cat([self.index[breaks] + 1, self.index[-1:] + 1])
+            block = self.size
+            for v in torch.cat([starts, stops]).tolist():
+                block = math.gcd(block, int(v))
+            self.block = block
+        self._blocks = self.index[:: self.block] // self.block if self.block > 1 else self.index
+        self._dev: dict[torch.device, Tensor] = {}
+
+    def __len__(self) -> int:
+        return int(self.index.numel())
+
+    def _on(self, device: torch.device) -> Tensor:
+        if device not in self._dev:
+            self._dev[device] = self._blocks.to(device)
+        return self._dev[device]
+
+    def take(self, t: Tensor, dim: int) -> Tensor:
+        """The selected part of ``t`` along ``dim`` (a view when contiguous, else a copy)."""
+        if self.contiguous:
+            return t.narrow(dim, self.start, self.stop - self.start)
+        if self.block > 1:
+            dim = dim % t.dim()
+            blocks = t.unflatten(dim, (self.size // self.block, self.block))
+            return blocks.index_select(dim, self._on(t.device)).flatten(dim, dim + 1)
+        return t.index_select(dim, self._on(t.device))
+
+    def put(self, out: Tensor, dim: int, src: Tensor) -> Tensor:
+        """Write ``src`` into the selected part of ``out`` along ``dim`` (in place); returns ``out``."""
+        if self.contiguous:
+            out.narrow(dim, self.start, self.stop - self.start).copy_(src)
+        elif self.block > 1:
+            dim = dim % out.dim()
+            view = out.unflatten(dim, (self.size // self.block, self.block))
+            view.index_copy_(dim, self._on(out.device), src.unflatten(dim, (len(self) // self.block, self.block)))
+        else:
+            out.index_copy_(dim, self._on(out.device), src)
+        return out
+
+
+@dataclass
+class LayerPlan:
+    """What one layer executes. ``None`` index sets mean "all". ``w_dim``: the weight's sliced
+    dimension (0 = rows / output channels, 1 = Linear columns), ``None`` if the weight is not
+    sliced (then ``w_keep``/``w_grad`` are None)."""
+
+    w_dim: int | None
+    w_keep: Idx | None
+    w_grad: Idx | None
+    b_keep: Idx | None
+    b_grad: Idx | None
+
+
+def _masked_full(t: Tensor, keep: Idx | None, dim: int) -> Tensor:
+    """``t`` with the not-kept entries along ``dim`` replaced by zeros (no grad tracking)."""
+    if keep is None:
+        return t
+    return keep.put(torch.zeros_like(t), dim, keep.take(t, dim))
+
+
+def _sum_sel(g: Tensor, sel: Idx | None, dims: tuple[int, ...], like: Tensor) -> Tensor:
+    """Bias gradient: sum of ``g`` over ``dims`` for the selected channels (dim 1 of g), zeros elsewhere."""
+    if sel is None:
+        return g.sum(dims)
+    out = torch.zeros_like(like)
+    if len(sel):
+        sel.put(out, 0, sel.take(g, 1).sum(dims))
+    return out
+
+
+# --------------------------------------------------------------------------------------- Linear
+class _LinearFn(torch.autograd.Function):
+    """y = x Wᵀ + b with row (output) or column (input) slicing. x [..., in] → y [..., out]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: LayerPlan) -> Tensor:  # type: ignore[override]
+        x2 = x.reshape(-1, x.shape[-1])
+        n, out_f = x2.shape[0], weight.shape[0]
+        keep = plan.w_keep
+        if keep is None and bias is not None and plan.b_keep is None:
+            y = torch.addmm(bias, x2, weight.t())
+            bias = None  # added
+        elif keep is None:
+            y = x2 @ weight.t()
+        elif plan.w_dim == 0:
+            y = x2.new_zeros(n, out_f)
+            if len(keep):
+                keep.put(y, 1, x2 @ keep.take(weight, 0).t())
+        else:
+            y = keep.take(x2, 1) @ keep.take(weight, 1).t()
+        if bias is not None:
+            y = y + _masked_full(bias, plan.b_keep, 0)
+        ctx.save_for_backward(x2, weight)
+        ctx.plan, ctx.x_shape = plan, x.shape
+        return y.view(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # type: ignore[override]
+        x2, w = ctx.saved_tensors
+        p: LayerPlan = ctx.plan
+        g = gy.reshape(-1, w.shape[0])
+        gx = gw = gb = None
+        keep = p.w_keep
+        if ctx.needs_input_grad[0]:
+            if keep is None:
+                gx = g @ w
+            elif p.w_dim == 0:
+                gx = keep.take(g, 1) @ keep.take(w, 0) if len(keep) else g.new_zeros(x2.shape)
+            else:
+                gx = keep.put(g.new_zeros(x2.shape), 1, g @ keep.take(w, 1))
+            gx = gx.view(ctx.x_shape)
+        g_a = None  # output-gradient columns of the active rows, shared by dW and db
+        if ctx.needs_input_grad[1]:
+            a = p.w_grad
+            if a is None:
+                gw = g.t() @ x2
+            elif p.w_dim == 0:
+                g_a = a.take(g, 1)
+                gw = a.put(torch.zeros_like(w), 0, g_a.t() @ x2)
+            else:
+                gw = a.put(torch.zeros_like(w), 1, g.t() @ a.take(x2, 1))
+        if ctx.needs_input_grad[2]:
+            if g_a is not None and p.b_grad is p.w_grad:
+                gb = p.b_grad.put(g.new_zeros(w.shape[0]), 0, g_a.sum(0))
+            else:
+                gb = _sum_sel(g, p.b_grad, (0,), w.new_empty(w.shape[0]))
+        return gx, gw, gb, None
+
+
+# --------------------------------------------------------------------------------------- Conv2d
+def _conv_out_hw(m: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, _padding(m), m.dilation
+    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def _padding(m: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return (0, 0)
+        # "same" (stride 1; odd kernels are checked at attach time)
+        return tuple(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size))  # type: ignore[return-value]
+    return m.padding  # type: ignore[return-value]
+
+
+class _Conv2dFn(torch.autograd.Function):
+    """Conv2d (groups 1, zero padding) with output-channel (filter) slicing. x [N, Cin, H, W]."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: LayerPlan, mod: nn.Conv2d) -> Tensor:  # type: ignore[override]
+        pad = _padding(mod)
+        keep = plan.w_keep
+        if keep is None:
+            y = F.conv2d(x, weight, None, mod.stride, pad, mod.dilation)
+        else:
+            ho, wo = _conv_out_hw(mod, x.shape[-2], x.shape[-1])
+            y = x.new_zeros(x.shape[0], weight.shape[0], ho, wo)
+            if len(keep):
+                keep.put(y, 1, F.conv2d(x, keep.take(weight, 0), None, mod.stride, pad, mod.dilation))
+        if bias is not None:
+            y = y + _masked_full(bias, plan.b_keep, 0).view(1, -1, 1, 1)
+        ctx.save_for_backward(x, weight)
+        ctx.plan, ctx.has_bias = plan, bias is not None
+        ctx.conf = (list(mod.stride), list(pad), list(mod.dilation))
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        p: LayerPlan = ctx.plan
+        stride, pad, dil = ctx.conf
+        gy = gy.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx = gw = gb = None
+
+        def cbw(g: Tensor, wt: Tensor, mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+            return torch.ops.aten.convolution_backward(g, x, wt, None, stride, pad, dil, False, [0, 0], 1, mask)
+
+        keep, a = p.w_keep, p.w_grad
+        if keep is None and a is None:
+            gx, gw, _ = cbw(gy, w, [need_x, need_w, False])
+        else:
+            if need_x:
+                if keep is None:
+                    gx = cbw(gy, w, [True, False, False])[0]
+                elif len(keep):
+                    gx = cbw(keep.take(gy, 1).contiguous(), keep.take(w, 0), [True, False, False])[0]
+                else:
+                    gx = torch.zeros_like(x)
+            if need_w:
+                if a is None:
+                    gw = cbw(gy, w, [False, True, False])[1]
+                else:
+                    gw = torch.zeros_like(w)
+                    if len(a):
+                        # the bias gradient of the same channels comes from the same call
+                        fused_b = ctx.has_bias and ctx.needs_input_grad[2] and p.b_grad is a
+                        _, gw_a, gb_a = torch.ops.aten.convolution_backward(
+                            a.take(gy, 1).contiguous(), x, a.take(w, 0), [len(a)] if fused_b else None,
+                            stride, pad, dil, False, [0, 0], 1, [False, True, fused_b],
+                        )
+                        a.put(gw, 0, gw_a)
+                        if fused_b:
+                            gb = a.put(w.new_zeros(w.shape[0]), 0, gb_a)
+        if ctx.has_bias and ctx.needs_input_grad[2] and gb is None:
+            gb = _sum_sel(gy, p.b_grad, (0, 2, 3), w.new_empty(w.shape[0]))
+        return gx, gw, gb, None, None
+
+
+# ------------------------------------------------------------------------------------ BatchNorm
+class _BatchNormFn(torch.autograd.Function):
+    """Batch norm with per-channel affine slicing. x [N, C, ...].
+
+    The per-channel sums Σδ and Σδ·x̂ are part of the *input* gradient BN needs anyway, so when
+    an input gradient is required the fused native kernel yields them for all channels and only
+    the active channels are kept; when no input gradient is required, only the active channels
+    are reduced.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, plan):  # type: ignore[override]
+        w_eff = _masked_full(weight, plan.w_keep, 0) if weight is not None else None
+        b_eff = _masked_full(bias, plan.b_keep, 0) if bias is not None else None
+        y, save_mean, save_invstd = torch.native_batch_norm(
+            x, w_eff, b_eff, running_mean, running_var, training, momentum, eps
+        )
+        ctx.save_for_backward(x, w_eff, running_mean, running_var, save_mean, save_invstd)
+        ctx.training, ctx.eps, ctx.plan = training, eps, plan
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # type: ignore[override]
+        x, w, rm, rv, sm, si = ctx.saved_tensors
+        p: LayerPlan = ctx.plan
+        need = ctx.needs_input_grad
+        gx = gw = gb = None
+        aten_bw = torch.ops.aten.native_batch_norm_backward
+        if need[0]:
+            gx, gw_all, gb_all = aten_bw(gy, x, w, rm, rv, sm, si, ctx.training, ctx.eps, [True, need[1], need[2]])
+            if need[1]:
+                gw = _masked_full(gw_all, p.w_grad, 0)
+            if need[2]:
+                gb = _masked_full(gb_all, p.b_grad, 0)
+            return gx, gw, gb, None, None, None, None, None, None
+        for k, (sel, want) in enumerate(((p.w_grad, need[1]), (p.b_grad, need[2]))):
+            if not want:
+                continue
+            ref = w if w is not None else x.new_empty(x.shape[1])
+            if sel is None:
+                res = aten_bw(gy, x, w, rm, rv, sm, si, ctx.training, ctx.eps, [False, k == 0, k == 1])[1 + k]
+            else:
+                res = torch.zeros_like(ref)
+                if len(sel):
+
+                    def t(v: Tensor | None, s: Idx = sel) -> Tensor | None:
+                        return None if v is None or v.numel() == 0 else s.take(v, 0)
+
+                    part = aten_bw(
+                        sel.take(gy, 1), sel.take(x, 1), t(w), t(rm), t(rv), t(sm), t(si),
+                        ctx.training, ctx.eps, [False, k == 0, k == 1],
+                    )[1 + k]
+                    sel.put(res, 0, part)
+            if k == 0:
+                gw = res
+            else:
+                gb = res
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------------------------------ modules
+def _autocast(x: Tensor, *ts: Tensor | None) -> tuple[bool, list[Tensor | None]]:
+    """Emulate autocast's lower-precision cast for a custom Function (CPU/GPU)."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return False, [x, *ts]
+    dt = torch.get_autocast_dtype(dev)
+    return True, [None if t is None else t.to(dt) for t in (x, *ts)]
+
+
+def _linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    plan: LayerPlan | None = self._ntk_plan  # type: ignore[attr-defined]
+    if plan is None:
+        return F.linear(x, self.weight, self.bias)
+    cast, (x, w, b) = _autocast(x, self.weight, self.bias)
+    if cast:
+        with torch.autocast(x.device.type, enabled=False):
+            return _LinearFn.apply(x, w, b, plan)
+    return _LinearFn.apply(x, w, b, plan)
+
+
+def _conv2d_forward(self: nn.Conv2d, x: Tensor) -> Tensor:
+    plan: LayerPlan | None = self._ntk_plan  # type: ignore[attr-defined]
+    if plan is None:
+        return self._conv_forward(x, self.weight, self.bias)
+    cast, (x, w, b) = _autocast(x, self.weight, self.bias)
+    if cast:
+        with torch.autocast(x.device.type, enabled=False):
+            return _Conv2dFn.apply(x, w, b, plan, self)
+    return _Conv2dFn.apply(x, w, b, plan, self)
+
+
+def _batchnorm_forward(self: _BatchNorm, x: Tensor) -> Tensor:
+    plan: LayerPlan | None = self._ntk_plan  # type: ignore[attr-defined]
+    if plan is None:
+        return self._ntk_orig_forward(x)  # type: ignore[attr-defined]
+    self._check_input_dim(x)
+    # Same bookkeeping as torch.nn.modules.batchnorm._BatchNorm.forward.
+    eaf = 0.0 if self.momentum is None else self.momentum
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+        eaf = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+    bn_training = True if self.training else (self.running_mean is None and self.running_var is None)
+    use_stats = not self.training or self.track_running_stats
+    rm = self.running_mean if use_stats else None
+    rv = self.running_var if use_stats else None
+    return _BatchNormFn.apply(x, self.weight, self.bias, rm, rv, bn_training, eaf, self.eps, plan)
+
+
+SLICEABLE: dict[type, tuple[str, dict[str, tuple[int, ...]]]] = {
+    nn.Linear: ("linear", {"weight": (0, 1), "bias": (0,)}),
+    nn.Conv2d: ("conv2d", {"weight": (0,), "bias": (0,)}),
+    _BatchNorm: ("batchnorm", {"weight": (0,), "bias": (0,)}),
+}
+"""Layer base classes with sliced autograd: name and the dims each parameter may be sliced along."""
+
+_FORWARDS = {"linear": _linear_forward, "conv2d": _conv2d_forward, "batchnorm": _batchnorm_forward}
+_CLASS_CACHE: dict[type, type] = {}
+
+
+def sliced_class(cls: type) -> type:
+    """A subclass of ``cls`` (a Linear / Conv2d / BatchNorm class) whose forward follows
+    ``self._ntk_plan``. Cached per class, so repeated attach/detach keeps class identity stable."""
+    if cls not in _CLASS_CACHE:
+        kind = next(k for base, (k, _) in SLICEABLE.items() if issubclass(cls, base))
+        ns = {"forward": _FORWARDS[kind], "_ntk_plan": None, "__module__": __name__}
+        if kind == "batchnorm":
+            ns["_ntk_orig_forward"] = cls.forward
+        _CLASS_CACHE[cls] = type(f"Sliced{cls.__name__}", (cls,), ns)
+    return _CLASS_CACHE[cls]

@@ -1,0 +1,44 @@
+"""Smoke test of bench/partial_backward.py (the speed targets live in the benchmark, not here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "partial_backward.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("_bench_partial_backward", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) -> dict:
+    out = tmp_path / "pb.json"
+    assert _load().main(["--quick", "--repeats", "1", "--threads", "1", "--out", str(out), *args]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    doc = json.loads(out.read_text())
+    assert doc["summary"] == last
+    for name, r in last.items():
+        assert set(r) == {"flops_ratio_50", "time_ratio_50"}, name
+        assert 0.5 < r["flops_ratio_50"] < 1.0, (name, r)  # inactive weight-gradient work was not executed
+        assert r["time_ratio_50"] > 0
+    return last
+
+
+def test_bench_layers_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    last = _run(tmp_path, capsys, ["--only", "linear_rows", "linear_columns", "conv2d_filters", "moe_experts"])
+    assert set(last) == {"linear_rows", "linear_columns", "conv2d_filters", "moe_experts"}
+    assert abs(last["linear_rows"]["flops_ratio_50"] - 0.75) < 1e-6
+
+
+@pytest.mark.slow
+def test_bench_all_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    last = _run(tmp_path, capsys, [])
+    assert {"bert_mlm_small_heads", "vgg16_filters", "switch_mlm_small_experts"} <= set(last)
