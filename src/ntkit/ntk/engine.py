@@ -1,0 +1,983 @@
+"""The modular NTK engine: per-module Gram matrices Θˡ = Jˡ Jˡᵀ for S samples.
+
+One public entry point, :func:`modular_ntk`; the algorithms behind it are private and picked by
+:class:`Strategy`. For module l (a :class:`~ntkit.partition.ModuleGroup`: attention head, expert,
+filter, neuron, layer, …) and samples x_1..x_S, Jˡ is the Jacobian of a per-sample scalar
+(``output="sum_logits"``: the sum of the sample's logits, at the masked positions for MLM) — or
+of all k logits (``output="logits"``, Grams [M, S·k, S·k], sample-major) — w.r.t. the
+module's parameter slices.
+
+Cost floor (``output="sum_logits"``; N = S samples, L tokens / spatial positions per sample)
+----------------------------------------------------------------------------------------
+Every strategy needs the layer inputs ``a`` and output gradients ``δ`` of one forward and one
+backward over the S samples. A plain forward+backward of a Linear layer ``[O, I]`` costs
+≈ 6·N·L·I·O FLOPs (forward, input gradient, weight gradient). The hook strategy freezes the
+weights, so its backward costs only the input-gradient half (4·N·L·I·O for forward+backward),
+and then spends, per layer, the cheaper of
+
+* materialise: per-sample gradients ``G_i = Σ_l δ_il a_ilᵀ`` (2·N·L·I·O, the same as the weight
+  gradient it replaces) plus the slice Grams (2·N²·P for the P covered elements), or
+* contract: ``⟨G_i, G_j⟩ = Σ_{l,l'} (a_il·a_jl')(δ_il·δ_jl')`` per output row:
+  2·(NL)²·I + 2·(NL)²·O + 2·N²·L·O — far cheaper when L is small (MLPs, 4×4 / 2×2 conv maps).
+
+So the floor of the engine is ≈ (6·N·L·I·O + 2·N²·P) per layer against 6·N·L·I·O for a plain
+forward+backward: 1 + N/(3·L) when materialising, less with the contraction — and layers the
+partition does not cover skip their weight gradients entirely, so the engine can undercut a
+plain forward+backward. Measured (``bench/ntk_engine.py``, CPU, 2 threads, S = 64; FLOPs from
+``FlopCounterMode``): BERT-mini heads, T = 128: 191 GFLOP against 259 for fwd+bwd, 0.75–0.79×
+its time (the forward and the input-gradient backward, a third of their FLOPs in the 8000-word
+decoder, are ≈ 90% of the engine's time); VGG-16 filters (P = 14.7 M, every conv / BN
+parameter): 111 against 120 GFLOP but 2.0–2.3× the time, the per-sample gradients of the 8×8
+layers (GEMMs with inner dimension L = 64) and memory-bound Gram updates being slower per FLOP
+than oneDNN convolutions.
+
+The S-pass loop costs S forward+backward passes of batch 1 (≈ the FLOPs of one batched pass, at
+batch-1 efficiency) plus S reads of the full gradients; ``vmap(grad)`` pays per-sample full
+gradients (S·P memory) before any Gram.
+
+Limitations: parameters used *functionally* (``F.linear(h, emb.weight)`` outside a module's
+forward) are invisible to hooks; tied weights must be used through modules (e.g. a decoder
+``nn.Linear`` whose ``weight`` *is* the embedding's). Layers the hooks do not support (any type
+other than Linear / Conv2d (groups=1, zero padding) / Embedding / LayerNorm / eval BatchNorm,
+subclasses that override ``forward``, the ``out_proj`` of ``nn.MultiheadAttention`` whose
+``forward`` never runs, modules whose input batch dimension is not the sample dimension — e.g. a
+position embedding looked up with ``arange(T)`` and broadcast over the batch) fall back to
+:mod:`torch.func`; :attr:`ModularNTK.fallback_layers` names them. The sample dimension is
+recognised by shape (dim 0 of the layer input equals S; 1-D ids must be a model input), so a
+table of S rows built inside ``forward`` and broadcast over samples afterwards would be misread:
+check such models once against ``strategy="brute_force"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ntkit.errors import ConfigError, UnsupportedModelError, check
+from ntkit.models.layers import MultiHeadSelfAttention, SwitchFFN
+from ntkit.ntk._grams import (
+    SliceSpec,
+    accumulate_slice_grams,
+    add_to_groups,
+    contract_linear_grams,
+    linear_costs,
+)
+from ntkit.partition import ParamSlice, Partition
+
+if TYPE_CHECKING:
+    from ntkit.ntk.spectrum import Spectrum
+
+__all__ = ["ModularNTK", "Strategy", "modular_ntk"]
+
+_OUTPUTS = ("sum_logits", "logits")
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+# Elements of the largest temporary (per-sample gradient chunk, contraction intermediate).
+# Kept small: fresh multi-hundred-MB temporaries page-fault at a few GB/s on CPU (DESIGN.md §2).
+_BUDGET = 1 << 23
+_CONTRACT_BUDGET = 1 << 20
+# Per-sample conv weight gradients (materialised path), by measurement on CPU (S=64, VGG shapes,
+# quiet machine): the grouped-convolution weight gradient (groups = S) wins at ≥ 16×16 output
+# positions (1.3–1.8×); at 8×8 unfold + bmm wins (~2×). A loop of batch-1 ``conv2d_weight`` calls
+# was faster in isolation at 8×8 but slower inside the engine (row chunks → S·chunks calls).
+_GROUPED_CONV_MIN_POSITIONS = 256
+
+
+def _conv_rows_family(positions: int) -> str:
+    """``"grouped"`` or ``"unfold"``: how :class:`_ConvForm` materialises per-sample rows."""
+    return "grouped" if positions >= _GROUPED_CONV_MIN_POSITIONS else "unfold"
+
+
+class Strategy(str, Enum):
+    """How :func:`modular_ntk` computes per-module Grams.
+
+    * ``HOOKS`` — one forward and one backward over the S samples with the weights frozen;
+      forward hooks keep layer inputs, tensor hooks take output gradients, and each layer's
+      slice Grams are reduced inside the hook (per layer the cheaper of materialised per-sample
+      gradients and the token-Gram contraction). Fastest whenever every covered parameter sits
+      in a supported layer: ≈ 1.2× a plain forward+backward on Transformers and CNNs.
+    * ``FUNCTORCH`` — ``torch.func.vmap(grad)`` per-sample gradients of the covered parameters
+      (``vjp`` over one-hot cotangents when the model has data-dependent control flow such as
+      MoE routing). Generic: any differentiable module; costs S·P memory for P covered
+      parameters and runs ≈ 1.5–15× a forward+backward. Used for the layers hooks cannot see.
+    * ``BRUTE_FORCE`` — explicit per-sample Jacobian: one batch-1 forward per sample and one
+      backward per output. The reference the others are tested against; slow.
+    * ``AUTO`` — hooks for every supported layer, functorch for the rest (reported in
+      :attr:`ModularNTK.fallback_layers`).
+    """
+
+    AUTO = "auto"
+    HOOKS = "hooks"
+    FUNCTORCH = "functorch"
+    BRUTE_FORCE = "brute_force"
+
+
+@dataclass
+class ModularNTK:
+    """Per-module NTK Grams.
+
+    Attributes:
+        grams: Tensor [M, N, N] (N = S for ``sum_logits``, S·k for ``logits``, sample-major),
+            symmetric PSD, dtype = the accumulation dtype.
+        names, kinds, layers: per module (from the partition), length M.
+        strategy: the strategy that ran (``"hooks"``, ``"functorch"``, ``"brute_force"``, or
+            ``"hooks+functorch"`` when ``auto`` fell back for some layers).
+        fallback_layers: ``"<module>: <reason>"`` for each layer computed by torch.func.
+        flops: estimated FLOPs of the Gram work (per-sample gradients + Grams), hooks only.
+        output: ``"sum_logits"`` or ``"logits"``.
+    """
+
+    grams: Tensor
+    names: list[str]
+    kinds: list[str]
+    layers: list[str]
+    strategy: str
+    fallback_layers: list[str] = field(default_factory=list)
+    flops: int = 0
+    output: str = "sum_logits"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, key: int | str) -> Tensor:
+        """The Gram of module ``key`` (index or name): Tensor [N, N]."""
+        if isinstance(key, str):
+            if key not in self.names:
+                raise ConfigError(f"module={key!r}: not in this mNTK (names: {', '.join(self.names[:5])}, …)")
+            key = self.names.index(key)
+        return self.grams[key]
+
+    @property
+    def full(self) -> Tensor:
+        """Σ over modules: the NTK of all covered parameters, Tensor [N, N]."""
+        return self.grams.sum(0)
+
+    def spectrum(self) -> Spectrum:
+        """:func:`ntkit.ntk.spectrum.spectrum` of :attr:`grams`."""
+        from ntkit.ntk.spectrum import spectrum
+
+        return spectrum(self.grams)
+
+
+# --------------------------------------------------------------------------- inputs / outputs
+def _split_inputs(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any], int]:
+    """Normalise ``inputs`` to (args, kwargs, S); tensors are detached."""
+    if isinstance(inputs, Tensor):
+        args, kwargs = (inputs,), {}
+    elif isinstance(inputs, (tuple, list)):
+        args, kwargs = tuple(inputs), {}
+    elif isinstance(inputs, Mapping):
+        args, kwargs = (), dict(inputs)
+    else:
+        raise ConfigError(f"inputs={type(inputs).__name__}: expected a Tensor, a tuple/list of args or a dict of kwargs")
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)]
+    check(bool(tensors) and tensors[0].dim() >= 1, "inputs", type(inputs).__name__, "at least one batched Tensor")
+    s = int(tensors[0].shape[0])
+    for t in tensors:
+        check(t.dim() >= 1 and t.shape[0] == s, "inputs shape", tuple(t.shape), f"first dim S={s} for every tensor")
+    args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+    kwargs = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in kwargs.items()}
+    return args, kwargs, s
+
+
+def _logits_of(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if hasattr(out, "logits") and isinstance(out.logits, Tensor):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise UnsupportedModelError(f"model output={type(out).__name__}: expected a Tensor, a tuple or a dict with 'logits'")
+
+
+def _per_sample(out: Any, output: str, mask: Tensor | None) -> Tensor:
+    """Model output → per-sample scalars [S] (``sum_logits``) or logits [S, k] (``logits``)."""
+    z = _logits_of(out)
+    s = z.shape[0]
+    if z.dim() >= 3 and mask is not None:
+        check(tuple(mask.shape) == tuple(z.shape[:2]), "output_mask shape", tuple(mask.shape), f"{tuple(z.shape[:2])}")
+        if output == "sum_logits":
+            return (z.reshape(s, z.shape[1], -1).sum(-1) * mask.to(z.dtype)).sum(-1)
+        counts = mask.sum(1).tolist()
+        check(len(set(counts)) <= 1, "output_mask", f"counts {counts[:8]}", "the same number of positions per sample")
+        return z[mask].reshape(s, -1)
+    if output == "sum_logits":
+        return z.reshape(s, -1).sum(-1)
+    return z.reshape(s, -1)
+
+
+def _sample(args: tuple[Any, ...], kwargs: dict[str, Any], i: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    a = tuple(x[i : i + 1] if isinstance(x, Tensor) else x for x in args)
+    k = {n: (x[i : i + 1] if isinstance(x, Tensor) else x) for n, x in kwargs.items()}
+    return a, k
+
+
+def _check_independent(model: nn.Module) -> None:
+    """Refuse modules whose output for one sample depends on the other samples."""
+    for name, m in model.named_modules():
+        label = f"{name or '<root>'} ({type(m).__name__})"
+        if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None):
+            raise UnsupportedModelError(f"module {label}: BatchNorm using batch statistics couples samples; call model.eval()")
+        if isinstance(m, _DROPOUTS) and m.training and m.p > 0:
+            raise UnsupportedModelError(f"module {label}: active dropout p={m.p}; call model.eval()")
+        if isinstance(m, MultiHeadSelfAttention) and m.training and m.dropout > 0:
+            raise UnsupportedModelError(f"module {label}: attention dropout={m.dropout} in training; call model.eval()")
+        if isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0:
+            raise UnsupportedModelError(f"module {label}: attention dropout={m.dropout} in training; call model.eval()")
+        if isinstance(m, SwitchFFN) and m.training:
+            raise UnsupportedModelError(f"module {label}: expert capacity couples samples in training; call model.eval()")
+
+
+# --------------------------------------------------------------------------- layer support
+def _layer_kind(m: nn.Module, attr: str, in_mha: bool) -> tuple[str | None, str]:
+    """(kind, reason): kind ∈ linear/conv2d/embedding/layernorm/batchnorm, or None + why not."""
+    if in_mha:
+        return None, "inside nn.MultiheadAttention (its out_proj.forward never runs)"
+    if attr not in ("weight", "bias"):
+        return None, f"parameter {attr!r} is not a weight/bias"
+    t = type(m)
+    if isinstance(m, nn.Linear) and t.forward is nn.Linear.forward:
+        return "linear", ""
+    if isinstance(m, nn.Conv2d) and t.forward is nn.Conv2d.forward:
+        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid":
+            return None, "Conv2d with groups>1, non-zero padding mode or 'same' padding"
+        return "conv2d", ""
+    if isinstance(m, nn.Embedding) and t.forward is nn.Embedding.forward:
+        if m.max_norm is not None or m.scale_grad_by_freq:
+            return None, "Embedding with max_norm / scale_grad_by_freq"
+        return "embedding", ""
+    if isinstance(m, nn.LayerNorm) and t.forward is nn.LayerNorm.forward:
+        return "layernorm", ""
+    if isinstance(m, _BatchNorm) and t.forward is _BatchNorm.forward:
+        return "batchnorm", ""
+    return None, f"{t.__name__} has no per-sample gradient rule"
+
+
+@dataclass
+class _Owner:
+    name: str
+    module: nn.Module
+    attr: str
+    kind: str | None
+    reason: str
+
+
+def _owners(model: nn.Module) -> dict[int, list[_Owner]]:
+    """id(parameter) → every (module, attribute) that holds it (tied weights: several)."""
+    in_mha: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            in_mha.update(id(c) for c in m.modules())
+    out: dict[int, list[_Owner]] = defaultdict(list)
+    seen: set[tuple[int, str]] = set()
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m._parameters.items():
+            if p is None or (id(m), attr) in seen:
+                continue
+            seen.add((id(m), attr))
+            kind, reason = _layer_kind(m, attr, id(m) in in_mha)
+            out[id(p)].append(_Owner(mname or "<root>", m, attr, kind, reason))
+    return out
+
+
+# --------------------------------------------------------------------------- per-sample uses
+class _Use:
+    """One use of a parameter by one layer call; yields per-sample gradient rows."""
+
+    def rows(self, r0: int, r1: int) -> Tensor:  # [N, r1-r0, *shape[1:]]
+        raise NotImplementedError
+
+    flops_per_row: int = 0
+
+
+class _Direct(_Use):
+    def __init__(self, g: Tensor) -> None:
+        self.g = g  # [N, *shape]
+
+    def rows(self, r0: int, r1: int) -> Tensor:
+        return self.g[:, r0:r1]
+
+
+class _LinearForm(_Use):
+    """Weight ``[O, *in_shape]`` applied as ``y_l = W a_l``: a [N, L, I], δ [N, L, O]."""
+
+    def __init__(self, a: Tensor, d: Tensor, shape: torch.Size) -> None:
+        self._a = a
+        self.d = d
+        self.shape = shape
+        n, length, o = d.shape
+        self.n, self.length, self.fan_out = n, length, o
+        self.fan_in = int(math.prod(shape[1:]))
+        self.flops_per_row = 2 * n * length * self.fan_in
+
+    @property
+    def a(self) -> Tensor:
+        return self._a
+
+    def rows(self, r0: int, r1: int) -> Tensor:
+        g = torch.bmm(self.d[:, :, r0:r1].transpose(1, 2), self.a)
+        return g.view(self.n, r1 - r0, *self.shape[1:])
+
+
+class _ConvForm(_LinearForm):
+    """Conv2d weight: per-sample gradients by unfold + bmm, or by the grouped-conv weight
+    gradient (groups = N) on large maps; the token-Gram form uses the unfolded patches."""
+
+    def __init__(self, x: Tensor, d4: Tensor, conv: nn.Conv2d, shape: torch.Size) -> None:
+        self.x = x  # [N, Cin, H, W]
+        self.d4 = d4  # [N, Cout, Ho, Wo]
+        self.conv = conv
+        _n, _cout, _ho, _wo = d4.shape
+        super().__init__(None, d4.flatten(2).transpose(1, 2), shape)  # type: ignore[arg-type]
+        self._unfolded: Tensor | None = None
+
+    @property
+    def a(self) -> Tensor:
+        if self._unfolded is None:
+            c = self.conv
+            pad = (0, 0) if isinstance(c.padding, str) else c.padding
+            u = _unfold(self.x, c.kernel_size, c.dilation, pad, c.stride)  # type: ignore[arg-type]
+            self._unfolded = u.transpose(1, 2)  # [N, L, Cin·kh·kw]
+        return self._unfolded
+
+    def patch_gram_cost(self) -> tuple[int, bool]:
+        """(FLOPs, from_raw) of the token Gram K[(i,l),(j,m)] = patch_il · patch_jm: from the
+        raw-activation Gram plus kh·kw shifted adds when cheaper than from unfolded patches."""
+        n, c, h, w = self.x.shape
+        nl = n * self.length
+        unfolded = 2 * nl * nl * self.fan_in
+        kh, kw = self.conv.kernel_size
+        ph, pw = (0, 0) if isinstance(self.conv.padding, str) else self.conv.padding
+        padded = (n * (h + 2 * ph) * (w + 2 * pw)) ** 2
+        raw = 2 * (n * h * w) ** 2 * c + kh * kw * nl * nl + padded
+        return (raw, True) if raw < unfolded and padded <= 4 * _BUDGET else (unfolded, False)
+
+    def patch_gram(self) -> Tensor:
+        """K [N·L, N·L] from the raw-activation Gram: K = Σ_{ky,kx} Rpad[i, p_l + k, j, p_m + k]."""
+        n, c, h, w = self.x.shape
+        conv = self.conv
+        (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
+        ph, pw = (0, 0) if isinstance(conv.padding, str) else conv.padding
+        xf = self.x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        r = (xf @ xf.T).view(n, h, w, n, h, w)
+        hp, wp = h + 2 * ph, w + 2 * pw
+        rp = r.new_zeros(n, hp, wp, n, hp, wp)
+        rp[:, ph : ph + h, pw : pw + w, :, ph : ph + h, pw : pw + w] = r
+        ho = (hp - dh * (kh - 1) - 1) // sh + 1
+        wo = (wp - dw * (kw - 1) - 1) // sw + 1
+        k = r.new_zeros(n, ho, wo, n, ho, wo)
+        for ky in range(kh):
+            ys = slice(ky * dh, ky * dh + (ho - 1) * sh + 1, sh)
+            for kx in range(kw):
+                xs = slice(kx * dw, kx * dw + (wo - 1) * sw + 1, sw)
+                k += rp[:, ys, xs, :, ys, xs]
+        return k.view(n * ho * wo, n * ho * wo)
+
+    def rows(self, r0: int, r1: int) -> Tensor:
+        family = _conv_rows_family(self.length)
+        c, n, r = self.conv, self.n, r1 - r0
+        pad = (0, 0) if isinstance(c.padding, str) else c.padding
+        cin = self.x.shape[1]
+        if family != "grouped":
+            return super().rows(r0, r1)
+        go = self.d4[:, r0:r1].reshape(1, n * r, *self.d4.shape[2:])
+        g = torch.nn.grad.conv2d_weight(
+            self.x.reshape(1, n * cin, *self.x.shape[2:]),
+            (n * r, cin, *c.kernel_size),
+            go,
+            stride=c.stride,
+            padding=pad,
+            dilation=c.dilation,
+            groups=n,
+        )
+        return g.view(n, r, *self.shape[1:])
+
+
+def _unfold(
+    x: Tensor, k: tuple[int, int], dil: tuple[int, int], pad: tuple[int, int], stride: tuple[int, int]
+) -> Tensor:
+    """``F.unfold`` [N, C·kh·kw, L] as one strided copy of the padded input (CPU im2col is
+    3–20× slower at these shapes)."""
+    n, c = x.shape[:2]
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = k, dil, pad, stride
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    sn, sc, sy, sx = xp.stride()
+    v = xp.as_strided((n, c, kh, kw, ho, wo), (sn, sc, sy * dh, sx * dw, sy * sh, sx * sw))
+    return v.reshape(n, c * kh * kw, ho * wo)
+
+
+class _EmbeddingForm(_Use):
+    """Embedding weight [V, D]: per-sample gradient rows scatter δ at the sample's ids."""
+
+    def __init__(self, ids: Tensor, d: Tensor, padding_idx: int | None) -> None:
+        n = ids.shape[0]
+        self.ids = ids.reshape(n, -1)
+        self.d = d.reshape(n, self.ids.shape[1], -1)
+        if padding_idx is not None:
+            self.d = self.d * (self.ids != padding_idx).unsqueeze(-1).to(self.d.dtype)
+        self.n = n
+        self.sample = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(self.ids)
+
+    def rows(self, r0: int, r1: int) -> Tensor:
+        out = self.d.new_zeros(self.n, r1 - r0, self.d.shape[-1])
+        m = (self.ids >= r0) & (self.ids < r1)
+        out.index_put_((self.sample[m], self.ids[m] - r0), self.d[m], accumulate=True)
+        return out
+
+
+def _chunked_grams(
+    rows: Callable[[int, int], Tensor],
+    shape: torch.Size,
+    n: int,
+    slices: Sequence[tuple[int, ParamSlice]],
+    grams: Tensor,
+    budget: int,
+    flops_per_row: int = 0,
+) -> int:
+    """Accumulate slice Grams from per-sample gradient rows produced chunk by chunk along dim 0;
+    rows that no slice covers are never computed. Returns FLOPs."""
+    row_numel = int(math.prod(shape[1:]))
+    step = max(1, budget // max(1, n * row_numel))
+    flops = 0
+    r0 = 0
+    only_dim0 = all(s.dim == 0 for _, s in slices)
+    while r0 < shape[0]:
+        if only_dim0:  # jump to the next covered row
+            nxt = [max(r0, s.start) for _, s in slices if s.stop > r0]
+            if not nxt:
+                break
+            r0 = min(nxt)
+        r1 = min(shape[0], r0 + step)
+        local: list[SliceSpec] = []
+        for gi, s in slices:
+            if s.dim == 0:
+                a, b = max(s.start, r0), min(s.stop, r1)
+                if a < b:
+                    local.append((gi, 0, a - r0, b - r0))
+            else:
+                local.append((gi, s.dim, s.start, s.stop))
+        if local:
+            flops += flops_per_row * (r1 - r0)
+            flops += accumulate_slice_grams(rows(r0, r1), local, grams)
+        r0 = r1
+    return flops
+
+
+# --------------------------------------------------------------------------- hooks strategy
+@dataclass
+class _Call:
+    module: nn.Module
+    kind: str
+    x: Tensor
+    rows: tuple[Any, ...] | None
+    grads: dict[int, Tensor] = field(default_factory=dict)
+
+
+class _HookRun:
+    """State of one hook pass (forward + one backward per traced output)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        s: int,
+        hook_params: dict[str, list[_Owner]],
+        slices: dict[str, list[tuple[int, ParamSlice]]],
+        params: dict[str, nn.Parameter],
+        grams: Tensor,
+        stream: bool,
+        budget: int,
+    ) -> None:
+        self.model, self.s, self.slices, self.params = model, s, slices, params
+        self.grams, self.stream, self.budget = grams, stream, budget
+        self.acc = grams.dtype
+        self.module_params: dict[int, list[tuple[str, str]]] = defaultdict(list)  # id(m) → (attr, pname)
+        self.modules: dict[int, tuple[nn.Module, str, str]] = {}
+        for pname, owners in hook_params.items():
+            for o in owners:
+                self.module_params[id(o.module)].append((o.attr, pname))
+                self.modules[id(o.module)] = (o.module, o.kind or "", o.name)
+        self.calls: dict[str, list[_Call]] = defaultdict(list)
+        self.fallback: dict[str, str] = {}
+        self.done: set[str] = set()
+        self.fired: set[str] = set()  # parameters whose module's forward ran (with a sample dim)
+        self.flops = 0
+        self.deferred: dict[tuple[int, ...], list[Tensor]] = {}
+        self.pass_index = 0
+        self.leaf: Tensor | None = None
+        self.expert_of: dict[int, tuple[SwitchFFN, int]] = {}
+        self.router_of: dict[int, SwitchFFN] = {}
+        self.ctx: dict[int, dict[str, Any]] = {}
+        self.input_ptrs: set[int] = set()  # storages of the user's input tensors
+        for m in model.modules():
+            if isinstance(m, SwitchFFN):
+                self.router_of[id(m.router)] = m
+                for e, ex in enumerate(m.experts):
+                    for c in ex.modules():
+                        self.expert_of[id(c)] = (m, e)
+
+    # -- hooks
+    def register(self) -> list[Any]:
+        handles = []
+        for (m, kind, name) in self.modules.values():
+            handles.append(m.register_forward_hook(self._forward_hook(kind, name)))
+        needed = {id(ffn) for ffn, _ in self.expert_of.values()}
+        for m in self.model.modules():
+            if isinstance(m, SwitchFFN) and id(m) in needed:
+                handles.append(m.register_forward_pre_hook(self._ffn_pre))
+                handles.append(m.register_forward_hook(self._ffn_post))
+        return handles
+
+    def _ffn_pre(self, m: nn.Module, args: Any) -> None:
+        self.ctx[id(m)] = {}
+
+    def _ffn_post(self, m: nn.Module, args: Any, out: Any) -> None:
+        ctx = self.ctx[id(m)]
+        ctx["dispatch"] = list(m.last_dispatch)  # type: ignore[attr-defined]
+        ctx["T"] = m.last_shape[1]  # type: ignore[attr-defined]
+
+    def _forward_hook(self, kind: str, name: str) -> Callable[..., Any]:
+        def hook(m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+            if not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
+                return self._refuse(m, f"{name}: non-tensor input/output")
+            x = args[0]
+            rows: tuple[Any, ...] | None = None
+            if id(m) in self.expert_of and kind == "linear":
+                ffn, e = self.expert_of[id(m)]
+                rows = ("expert", self.ctx[id(ffn)], e)
+            elif id(m) in self.router_of and kind == "linear" and x.dim() == 2 and x.shape[0] % self.s == 0:
+                rows = ("flat",)
+            elif x.dim() < (1 if kind == "embedding" else 2) or x.shape[0] != self.s or id(m) in self.expert_of:
+                return self._refuse(m, f"{name}: input {tuple(x.shape)} has no sample dim of size S={self.s}")
+            elif x.dim() == 1 and x.untyped_storage().data_ptr() not in self.input_ptrs:
+                # 1-D ids of length S made inside forward (e.g. arange(T) with T == S, broadcast later)
+                return self._refuse(m, f"{name}: 1-D input {tuple(x.shape)} is not a model input; its dim 0 may not be samples")
+            for _, pname in self.module_params[id(m)]:
+                self.fired.add(pname)
+            if not torch.is_grad_enabled():  # run under no_grad inside forward: no gradient reaches it
+                return None
+            call = _Call(m, kind, x.detach(), rows)
+            for _, pname in self.module_params[id(m)]:
+                self.calls[pname].append(call)
+            if not out.requires_grad:
+                if self.leaf is None:
+                    self.leaf = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+                out = out + self.leaf.to(out.dtype)
+            out.register_hook(lambda g, c=call: self._on_grad(c, g))
+            return out
+
+        return hook
+
+    def _refuse(self, m: nn.Module, reason: str) -> None:
+        for _, pname in self.module_params[id(m)]:
+            self.fallback.setdefault(pname, reason)
+
+    def _on_grad(self, call: _Call, g: Tensor) -> None:
+        call.grads[self.pass_index] = g.detach()
+        if not self.stream:
+            return
+        for attr, pname in self.module_params[id(call.module)]:
+            if pname not in self.fallback and len(self.calls[pname]) == 1 and pname not in self.done:
+                self._process(pname, npass=1)
+        if all(p in self.done or p in self.fallback for _, p in self.module_params[id(call.module)]):
+            call.grads.clear()
+
+    def flush(self) -> None:
+        """Grams of the deferred one-element-per-module parameters: one bmm per module list."""
+        for key, cols in self.deferred.items():
+            y = torch.stack(cols, -1).transpose(0, 1)  # [n_modules, N, n_params]
+            self.flops += 2 * self.s * self.s * y.shape[0] * y.shape[2]
+            add_to_groups(self.grams, list(key), torch.bmm(y, y.transpose(1, 2)))
+        self.deferred.clear()
+
+    # -- per-sample quantities of one call
+    def _uses(self, call: _Call, attr: str, j: int) -> _Use | None:
+        g = call.grads.get(j)
+        if g is None:
+            return None
+        acc, s = self.acc, self.s
+        x = call.x
+        m = call.module
+        p = getattr(m, attr)
+        if call.kind == "linear":
+            a, d = x.to(acc), g.to(acc)
+            if call.rows is not None and call.rows[0] == "expert":
+                ctx, e = call.rows[1], call.rows[2]
+                a, d = _pad_rows(a, d, ctx["dispatch"][e] // ctx["T"], s)
+            else:
+                a, d = a.reshape(s, -1, a.shape[-1]), d.reshape(s, -1, d.shape[-1])
+            if attr == "weight":
+                return _LinearForm(a, d, p.shape)
+            return _Direct(d.sum(1))
+        if call.kind == "conv2d":
+            d4 = g.to(acc)
+            if attr == "weight":
+                return _ConvForm(x.to(acc), d4, m, p.shape)  # type: ignore[arg-type]
+            return _Direct(d4.sum((2, 3)))
+        if call.kind == "embedding":
+            return _EmbeddingForm(x, g.to(acc), m.padding_idx)  # type: ignore[arg-type]
+        if call.kind == "layernorm":
+            ns = tuple(m.normalized_shape)  # type: ignore[attr-defined]
+            d = g.to(acc).reshape(s, -1, *ns)
+            if attr == "bias":
+                return _Direct(d.sum(1))
+            xh = F.layer_norm(x.to(acc), ns, None, None, m.eps).reshape(s, -1, *ns)  # type: ignore[arg-type]
+            return _Direct((d * xh).sum(1))
+        if call.kind == "batchnorm":
+            d = g.to(acc)
+            red = tuple(range(2, d.dim()))
+            if attr == "bias":
+                return _Direct(d.sum(red) if red else d)
+            view = (1, -1) + (1,) * len(red)
+            rm = m.running_mean.to(acc).view(view)  # type: ignore[union-attr]
+            rv = m.running_var.to(acc).view(view)  # type: ignore[union-attr]
+            xh = (x.to(acc) - rm) * torch.rsqrt(rv + m.eps)  # type: ignore[operator]
+            return _Direct((d * xh).sum(red) if red else d * xh)
+        raise AssertionError(call.kind)
+
+    # -- Gram of one parameter from all its uses
+    def _process(self, pname: str, npass: int) -> None:
+        self.done.add(pname)
+        calls = self.calls.pop(pname, [])
+        slices = self.slices[pname]
+        shape = self.params[pname].shape
+        per_pass: list[list[_Use]] = []
+        for j in range(npass):
+            uses = []
+            for c in calls:
+                attr = next(a for a, p in self.module_params[id(c.module)] if p == pname)
+                u = self._uses(c, attr, j)
+                if u is not None:
+                    uses.append(u)
+            per_pass.append(uses)
+        if not any(per_pass):
+            return  # no gradient reached this parameter: zero Gram contribution
+        if npass == 1:
+            uses = per_pass[0]
+            u0 = uses[0]
+            if len(uses) == 1 and isinstance(u0, _LinearForm):
+                dims = {s.dim for _, s in slices}
+                conv_ok = not isinstance(u0, _ConvForm) or dims == {0}
+                if conv_ok and len(dims) == 1 and dims <= {0, 1}:
+                    covered = sum(s.size * (int(math.prod(shape)) // shape[s.dim]) for _, s in slices)
+                    dim = dims.pop()
+                    k_cost, raw = u0.patch_gram_cost() if isinstance(u0, _ConvForm) else (None, False)
+                    mat, con = linear_costs(u0.n, u0.length, u0.fan_in, u0.fan_out, covered, dim, k_cost)
+                    if con < mat:
+                        spec = [(gi, s.dim, s.start, s.stop) for gi, s in slices]
+                        k = u0.patch_gram() if raw else None  # type: ignore[union-attr]
+                        a = u0.d if raw else u0.a.reshape(u0.n, u0.length, -1)  # a unused when k given
+                        contract_linear_grams(a, u0.d, spec, self.grams, budget=_CONTRACT_BUDGET, k=k)
+                        self.flops += con
+                        return
+            if len(uses) == 1 and isinstance(u0, _EmbeddingForm):
+                self.flops += _embedding_compact(u0, slices, self.grams, self.budget)
+                return
+            if len(shape) == 1 and all(isinstance(u, _Direct) for u in uses) and all(sl.size == 1 for _, sl in slices):
+                # one element per module (conv bias, BN / LN affine per filter or neuron): batch
+                # every such parameter with the same module list into one bmm at the end
+                g = uses[0].g
+                for u in uses[1:]:
+                    g = g + u.g  # type: ignore[attr-defined]
+                starts = [sl.start for _, sl in slices]
+                key = tuple(gi for gi, _ in slices)
+                if starts == list(range(starts[0], starts[0] + len(starts))):
+                    col = g[:, starts[0] : starts[0] + len(starts)]
+                else:
+                    col = g[:, torch.tensor(starts, device=g.device)]
+                self.deferred.setdefault(key, []).append(col)
+                return
+
+            def rows(r0: int, r1: int) -> Tensor:
+                out = uses[0].rows(r0, r1)
+                for u in uses[1:]:
+                    out = out + u.rows(r0, r1)
+                return out
+
+            fpr = sum(u.flops_per_row for u in uses)
+            self.flops += _chunked_grams(rows, shape, self.s, slices, self.grams, self.budget, fpr)
+            return
+
+        def rows_k(r0: int, r1: int) -> Tensor:
+            parts = []
+            for uses in per_pass:
+                if not uses:
+                    ref = self.params[pname]
+                    parts.append(torch.zeros(self.s, r1 - r0, *shape[1:], dtype=self.acc, device=ref.device))
+                    continue
+                out = uses[0].rows(r0, r1)
+                for u in uses[1:]:
+                    out = out + u.rows(r0, r1)
+                parts.append(out)
+            return torch.stack(parts, 1).reshape(self.s * npass, r1 - r0, *shape[1:])
+
+        self.flops += _chunked_grams(rows_k, shape, self.s * npass, slices, self.grams, self.budget)
+
+
+def _pad_rows(a: Tensor, d: Tensor, sample: Tensor, s: int) -> tuple[Tensor, Tensor]:
+    """Rows [n, ·] owned by samples ``sample`` (sorted) → zero-padded [S, Lmax, ·]."""
+    n = sample.numel()
+    if n == 0:
+        return a.new_zeros(s, 1, a.shape[-1]), d.new_zeros(s, 1, d.shape[-1])
+    counts = torch.bincount(sample, minlength=s)
+    offsets = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(n, device=a.device) - offsets[sample]
+    lmax = int(counts.max())
+    ap = a.new_zeros(s, lmax, a.shape[-1])
+    dp = d.new_zeros(s, lmax, d.shape[-1])
+    ap[sample, pos] = a
+    dp[sample, pos] = d
+    return ap, dp
+
+
+def _embedding_compact(u: _EmbeddingForm, slices: Sequence[tuple[int, ParamSlice]], grams: Tensor, budget: int) -> int:
+    """Embedding Grams over the rows the batch touches only (untouched rows have zero grads)."""
+    ids = u.ids
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    n, d = u.n, u.d.shape[-1]
+    compact = u.d.new_zeros(n, uniq.numel(), d)
+    compact.index_put_((u.sample.reshape(-1), inv.reshape(-1)), u.d.reshape(-1, d), accumulate=True)
+    uh = uniq.cpu()
+    local: list[tuple[int, ParamSlice]] = []
+    for gi, s in slices:
+        if s.dim == 0:
+            a = int(torch.searchsorted(uh, s.start))
+            b = int(torch.searchsorted(uh, s.stop))
+            if a < b:
+                local.append((gi, ParamSlice(s.param, 0, a, b)))
+        else:
+            local.append((gi, s))
+    return _chunked_grams(lambda r0, r1: compact[:, r0:r1], compact.shape[1:], n, local, grams, budget)
+
+
+# --------------------------------------------------------------------------- functorch / brute
+def _functorch_grads(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    names: Sequence[str],
+    output: str,
+    mask: Tensor | None,
+    chunk_size: int | None,
+) -> dict[str, Tensor]:
+    """Per-sample gradients {name: [S, *shape]} (``logits``: [S, k, *shape]) by torch.func."""
+    from torch.func import functional_call, grad, jacrev, vjp, vmap
+
+    params = dict(model.named_parameters())
+    primals = {n: params[n].detach() for n in names}
+    arg_dims = tuple(0 if isinstance(a, Tensor) else None for a in args)
+    kw_dims = {k: (0 if isinstance(v, Tensor) else None) for k, v in kwargs.items()}
+
+    def one(pp: dict[str, Tensor], a: tuple[Any, ...], kw: dict[str, Any], m: Tensor | None) -> Tensor:
+        a1 = tuple(x.unsqueeze(0) if isinstance(x, Tensor) else x for x in a)
+        kw1 = {k: (x.unsqueeze(0) if isinstance(x, Tensor) else x) for k, x in kw.items()}
+        out = functional_call(model, pp, a1, kw1)
+        return _per_sample(out, output, None if m is None else m.unsqueeze(0))[0]
+
+    fn = grad(one) if output == "sum_logits" else jacrev(one)
+    try:
+        return vmap(fn, in_dims=(None, arg_dims, kw_dims, None if mask is None else 0), chunk_size=chunk_size)(
+            primals, args, kwargs, mask
+        )
+    except RuntimeError:
+        pass  # data-dependent control flow (e.g. MoE routing): vjp over one-hot cotangents
+
+    def batched(pp: dict[str, Tensor]) -> Tensor:
+        return _per_sample(functional_call(model, pp, args, kwargs), output, mask)
+
+    ys, pull = vjp(batched, primals)
+    flat = ys.reshape(-1)
+    eye = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device).view(-1, *ys.shape)
+    (g,) = vmap(pull, chunk_size=chunk_size)(eye)
+    return {n: t.reshape(*ys.shape, *params[n].shape) for n, t in g.items()}
+
+
+def _brute_force(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    s: int,
+    part: Partition,
+    output: str,
+    mask: Tensor | None,
+    acc: torch.dtype,
+) -> Tensor:
+    params = dict(model.named_parameters())
+    names = part.covered_params()
+    ps = [params[n] for n in names]
+    rows: list[list[Tensor]] = [[] for _ in part.groups]
+    for i in range(s):
+        a, kw = _sample(args, kwargs, i)
+        y = _per_sample(model(*a, **kw), output, None if mask is None else mask[i : i + 1])[0].reshape(-1)
+        for j in range(y.numel()):
+            gs = torch.autograd.grad(y[j], ps, retain_graph=True, allow_unused=True)
+            full = {n: (torch.zeros_like(p) if g is None else g) for n, p, g in zip(names, ps, gs)}
+            for gi, grp in enumerate(part.groups):
+                rows[gi].append(torch.cat([sl.select(full[sl.param]).reshape(-1) for sl in grp.slices]).to(acc))
+    return torch.stack([torch.stack(r) @ torch.stack(r).T for r in rows])
+
+
+# --------------------------------------------------------------------------- entry point
+def modular_ntk(
+    model: nn.Module,
+    inputs: Tensor | Sequence[Any] | Mapping[str, Any],
+    partition: Partition,
+    *,
+    output: str = "sum_logits",
+    strategy: str | Strategy = "auto",
+    output_mask: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    chunk_size: int | None = None,
+) -> ModularNTK:
+    """Per-module NTK Grams of ``model`` on a batch of S samples.
+
+    Args:
+        model: a module whose samples are independent (eval-mode BatchNorm, no active dropout,
+            eval-mode :class:`~ntkit.models.layers.SwitchFFN`); never switched silently.
+        inputs: a Tensor (first dim S), a tuple/list of positional args or a dict of kwargs
+            (every tensor with first dim S).
+        partition: the modules (groups of parameter slices); whole-dim slices are resolved.
+        output: ``"sum_logits"`` — one scalar per sample, the sum of its logits (for outputs
+            [S, T, V]: over the vocabulary at positions where ``output_mask`` is True) — Grams
+            [M, S, S]; or ``"logits"`` — all k logits per sample, Grams [M, S·k, S·k]
+            (sample-major: row i·k + j is sample i, logit j).
+        strategy: see :class:`Strategy`.
+        output_mask: bool [S, T] for outputs with a token dim; None = all positions.
+        dtype: accumulation / result dtype (default: the covered parameters' dtype). Pass
+            ``torch.float64`` for ill-conditioned kernels.
+        chunk_size: vmap chunk size of the functorch strategy (None = all samples at once).
+
+    Returns:
+        :class:`ModularNTK` with ``grams`` Tensor [M, N, N] of ``dtype``.
+
+    Raises:
+        UnsupportedModelError: coupled samples (names the module), or ``strategy="hooks"`` with
+            a layer hooks cannot handle.
+        ConfigError: bad argument values.
+    """
+    check(output in _OUTPUTS, "output", output, "one of " + ", ".join(_OUTPUTS))
+    try:
+        strat = Strategy(strategy)
+    except ValueError:
+        raise ConfigError(f"strategy={strategy!r}: expected one of {', '.join(s.value for s in Strategy)}") from None
+    check(isinstance(partition, Partition) and len(partition) > 0, "partition", type(partition).__name__, "a non-empty Partition")
+    _check_independent(model)
+    part = Partition(list(partition.groups)).bind(model)
+    args, kwargs, s = _split_inputs(inputs)
+    if output_mask is not None:
+        check(isinstance(output_mask, Tensor) and output_mask.dtype == torch.bool, "output_mask", type(output_mask).__name__, "a bool Tensor [S, T]")
+        check(output_mask.dim() == 2 and output_mask.shape[0] == s, "output_mask shape", tuple(output_mask.shape), f"[S={s}, T]")
+    params = dict(model.named_parameters())
+    names = part.covered_params()
+    acc = dtype or params[names[0]].dtype
+    check(acc.is_floating_point, "dtype", dtype, "a floating dtype")
+    slices = part.param_slices()
+    result = {"names": part.names, "kinds": part.kinds, "layers": part.layers, "output": output}
+    device = params[names[0]].device
+
+    if strat is Strategy.BRUTE_FORCE:
+        saved = {n: p.requires_grad for n, p in params.items()}
+        try:
+            for n, p in params.items():
+                p.requires_grad_(n in slices)
+            with torch.enable_grad():
+                grams = _brute_force(model, args, kwargs, s, part, output, output_mask, acc)
+        finally:
+            for n, p in params.items():
+                p.requires_grad_(saved[n])
+        return ModularNTK(grams=grams, strategy=strat.value, **result)  # type: ignore[arg-type]
+
+    owners = _owners(model)
+    fallback: dict[str, str] = {}
+    hook_params: dict[str, list[_Owner]] = {}
+    if strat is not Strategy.FUNCTORCH:
+        for n in names:
+            os_ = owners[id(params[n])]
+            bad = [o for o in os_ if o.kind is None]
+            if bad:
+                fallback[n] = f"{bad[0].name}: {bad[0].reason}"
+            else:
+                hook_params[n] = os_
+    else:
+        fallback = {n: "strategy=functorch" for n in names}
+
+    grams: Tensor | None = None
+    flops = 0
+    if hook_params:
+        saved = {n: p.requires_grad for n, p in params.items()}
+        run: _HookRun | None = None
+        handles: list[Any] = []
+        try:
+            for p in params.values():
+                p.requires_grad_(False)
+            n_out = 1
+            with torch.enable_grad():
+                # size N is only known after the forward for output="logits": allocate lazily
+                run = _HookRun(model, s, hook_params, slices, params, torch.empty(0, dtype=acc, device=device),
+                               stream=output == "sum_logits", budget=_BUDGET)
+                if output == "sum_logits":
+                    grams = torch.zeros(len(part), s, s, dtype=acc, device=device)
+                    run.grams = grams
+                run.input_ptrs = {t.untyped_storage().data_ptr() for t in (*args, *kwargs.values()) if isinstance(t, Tensor)}
+                handles = run.register()
+                y = _per_sample(model(*args, **kwargs), output, output_mask)
+                n_out = 1 if y.dim() == 1 else y.shape[1]
+                if grams is None:
+                    grams = torch.zeros(len(part), s * n_out, s * n_out, dtype=acc, device=device)
+                    run.grams = grams
+                for h in handles:
+                    h.remove()
+                handles = []
+                for pname in hook_params:
+                    if pname not in run.fallback and pname not in run.fired:
+                        run.fallback[pname] = f"{hook_params[pname][0].name}: forward never ran (parameter used outside its module?)"
+                if run.leaf is not None and y.requires_grad:
+                    ys = y.reshape(s, -1)
+                    for j in range(n_out):
+                        run.pass_index = j
+                        torch.autograd.grad(ys[:, j].sum(), [run.leaf], retain_graph=j < n_out - 1, allow_unused=True)
+                for pname in list(run.calls):
+                    if pname not in run.fallback and pname not in run.done:
+                        run._process(pname, npass=n_out)
+                run.flush()
+            flops = run.flops
+            fallback.update(run.fallback)
+        finally:
+            for h in handles:
+                h.remove()
+            for n, p in params.items():
+                p.requires_grad_(saved[n])
+            del run
+    if strat is Strategy.HOOKS and fallback:
+        first = next(iter(fallback.values()))
+        raise UnsupportedModelError(f"strategy=hooks: layer {first}; use strategy='auto' to fall back to torch.func")
+    if fallback:
+        with torch.no_grad():  # torch.func ignores the outer no_grad; this keeps the outer graph away
+            pg = _functorch_grads(model, args, kwargs, list(fallback), output, output_mask, chunk_size)
+        k = next(iter(pg.values())).shape[1] if output == "logits" else 1
+        nn_ = s * k
+        if grams is None:
+            grams = torch.zeros(len(part), nn_, nn_, dtype=acc, device=device)
+        for pname, g in pg.items():
+            gg = g.reshape(nn_, *params[pname].shape).to(acc)
+            _chunked_grams(lambda r0, r1, gg=gg: gg[:, r0:r1], gg.shape[1:], nn_, slices[pname], grams, _BUDGET)
+    assert grams is not None
+    if strat is Strategy.FUNCTORCH:
+        used = "functorch"
+    elif fallback:
+        used = "hooks+functorch" if hook_params and len(fallback) < len(names) else "functorch"
+    else:
+        used = "hooks"
+    layers_fb = sorted({reason for reason in fallback.values()}) if strat is not Strategy.FUNCTORCH else []
+    return ModularNTK(grams=grams, strategy=used, fallback_layers=layers_fb, flops=flops, **result)  # type: ignore[arg-type]
