@@ -4,7 +4,6 @@ overrides, run directory layout, report re-rendering, bench dispatch, and the re
 from __future__ import annotations
 
 import enum
-import importlib.util
 import json
 import math
 import subprocess
@@ -32,7 +31,6 @@ from ntkit.recipes import (
     resolve_config,
 )
 
-HAVE_STACK = all(importlib.util.find_spec(m) is not None for m in ("ntkit.models", "ntkit.data"))
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -118,7 +116,6 @@ def test_ls_recipes_lists_registered(capsys: pytest.CaptureFixture[str]) -> None
     assert "demo" in out and "_test-tiny" in out and "test recipe" in out
 
 
-@pytest.mark.skipif(not HAVE_STACK, reason="ntkit.models / ntkit.data not present yet")
 def test_ls_everything(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
@@ -193,7 +190,6 @@ def test_bad_override(
     assert not (tmp_path / "results.json").exists()
 
 
-@pytest.mark.skipif(not HAVE_STACK, reason="ntkit.data not present yet")
 def test_corrupt_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
     data.mkdir()
@@ -205,7 +201,6 @@ def test_corrupt_npz(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     _one_line_error(capsys, "mnist.npz")
 
 
-@pytest.mark.skipif(not HAVE_STACK, reason="ntkit.models / ntkit.data not present yet")
 def test_unknown_model_in_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--out", str(tmp_path), "model=no_such_net"]) == 2
     _one_line_error(capsys, "no_such_net")
@@ -273,19 +268,18 @@ def test_run_writes_config_results_report(tmp_path: Path, capsys: pytest.Capture
     assert (out / "report.md").read_text() == report
 
 
-@pytest.mark.skipif(not HAVE_STACK, reason="ntkit.models / ntkit.data not present yet")
-def test_demo_trains_and_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--out", str(tmp_path), "epochs=2", "batch_size=128"]) == 0
+def test_demo_compares_methods_and_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--tier", "ci", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for col in ("train loss", "test acc", "wall-clock", "FLOPs"):
-        assert col in out
+    for word in ("vanilla", "mat", "rand", "multirate", "test top-1", "mNTK overhead"):
+        assert word in out
     res = json.loads((tmp_path / "results.json").read_text())["results"]
-    run = res["runs"][0]
-    assert math.isfinite(run["train_loss"]) and 0.0 <= run["test_acc"] <= 1.0
-    assert run["backward_flops"] > run["forward_flops"] > 0 and run["flops_exact"]
-    losses = [r["train_loss"] for r in run["curve"]]
-    assert losses[1] < losses[0]  # it learns
-    assert (tmp_path / "report.md").exists() and (tmp_path / "metrics_seed0.jsonl").exists()
+    methods = {r["method"] for r in res["records"]}
+    assert methods == {"vanilla", "mat", "rand", "multirate"}
+    for r in res["records"]:
+        assert r["backward_flops"] > r["forward_flops"] > 0
+        assert 0.0 <= r["test_acc"] <= 1.0 and math.isfinite(r["test_loss"])
+    assert (tmp_path / "report.md").exists() and (tmp_path / "config.json").exists()
 
 
 # --------------------------------------------------------------------------- bench dispatch

@@ -50,8 +50,7 @@ content of ``results.json``).
 
 Recipe modules: every module of this package (``ntkit/recipes/*.py``, private ones included) is
 imported on first use of the registry (:func:`list_recipes`, :func:`get_recipe`, the CLI), so
-registering is just decorating the function in such a module. The built-in minimal ``demo`` recipe
-(``_demo_basic``) is registered only if no other module registered ``demo`` itself. Recipes defined
+registering is just decorating the function in such a module. Recipes defined
 elsewhere (a user's package) register by being imported before the runner is called.
 """
 

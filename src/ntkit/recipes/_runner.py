@@ -128,8 +128,7 @@ def register_recipe(
 
 
 def _load_all() -> None:
-    """Import every module of ``ntkit.recipes`` once (so their ``@register_recipe`` run, wherever
-    they live), then register the fallback ``demo`` unless one of them registered ``demo``."""
+    """Import every module of ``ntkit.recipes`` once, so their ``@register_recipe`` run."""
     global _LOADED
     if _LOADED:
         return
@@ -138,12 +137,7 @@ def _load_all() -> None:
 
     pkg = importlib.import_module("ntkit.recipes")
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name != "_demo_basic":
-            importlib.import_module(f"ntkit.recipes.{info.name}")
-    if "demo" not in RECIPES:
-        from ntkit.recipes import _demo_basic
-
-        _demo_basic.register()
+        importlib.import_module(f"ntkit.recipes.{info.name}")
 
 
 def list_recipes() -> list[str]:

@@ -1,0 +1,163 @@
+"""The shared MAT loop and its post-processing (ntkit.recipes._loop / _mat_report / _mat_image)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ntkit.errors import ConfigError
+from ntkit.recipes._loop import (
+    LoopConfig,
+    MethodSpec,
+    compare,
+    finalize,
+    first_crossing,
+    interpolate_at,
+    lr_factor,
+)
+from ntkit.recipes._mat_image import add_train_acc_compute
+from ntkit.recipes._mat_report import aggregate, lambda_max_matrix, mean_std, verdict
+from ntkit.recipes._tasks import ImageTask
+
+CURVE = [
+    {"train_flops": 0.0, "flops": 0.0, "val_loss": 5.0},
+    {"train_flops": 10.0, "flops": 11.0, "val_loss": 4.0},
+    {"train_flops": 20.0, "flops": 22.0, "val_loss": 3.0},
+    {"train_flops": 30.0, "flops": 33.0, "val_loss": 3.5},
+]
+
+
+def test_interpolate_at_brackets_linearly():
+    assert interpolate_at(CURVE, 0.0, key="train_flops") == 5.0
+    assert interpolate_at(CURVE, 5.0, key="train_flops") == pytest.approx(4.5)
+    assert interpolate_at(CURVE, 25.0, key="train_flops") == pytest.approx(3.25)
+    assert interpolate_at(CURVE, 30.0, key="train_flops") == pytest.approx(3.5)
+    assert interpolate_at(CURVE, 30.5, key="train_flops") is None  # the run ended below the budget
+    # default: total FLOPs incl. overhead
+    assert interpolate_at(CURVE, 5.5) == pytest.approx(4.5)
+    assert interpolate_at(CURVE, 33.5) is None
+
+
+def test_first_crossing_interpolates_in_total_flops():
+    assert first_crossing(CURVE, 4.5) == pytest.approx(5.5)  # halfway between 0 and 11
+    assert first_crossing(CURVE, 3.0) == pytest.approx(22.0)
+    assert first_crossing(CURVE, 2.9) is None
+    assert first_crossing(CURVE, 6.0) == 0.0
+
+
+def test_finalize_budgets_and_target_against_vanilla_of_same_seed():
+    van = {"method": "vanilla", "seed": 0, "train_flops": 40.0, "best_val_loss": 3.0, "curve": CURVE}
+    fast = [dict(p, flops=p["flops"] / 2, train_flops=p["train_flops"] / 2) for p in CURVE]
+    mat = {"method": "mat", "seed": 0, "train_flops": 15.0, "best_val_loss": 3.0, "curve": fast}
+    other = {"method": "mat", "seed": 1, "train_flops": 15.0, "best_val_loss": 3.0, "curve": fast}
+    recs = [van, mat, other]
+    finalize(recs, (0.25, 0.5, 1.0))
+    assert van["budgets"] == [10.0, 20.0, 40.0]
+    assert van["val_loss_at_budget"] == [pytest.approx(4.0 + 1 / 11), pytest.approx(3.0 + 2 / 11), None]
+    assert mat["val_loss_at_budget"][0] == pytest.approx(4.0 - 4.5 / 5.5)
+    assert mat["val_loss_at_budget"][2] is None
+    assert van["compute_to_target_flops"] == pytest.approx(22.0)
+    assert mat["compute_to_target_flops"] == pytest.approx(11.0)
+    assert mat["compute_ratio_vs_baseline"] == pytest.approx(0.5)
+    assert other["compute_to_target_flops"] is None and other["budgets"] is None  # no vanilla for seed 1
+
+
+def test_lr_factor_schedules():
+    assert lr_factor("constant", 7, 10, 0) == 1.0
+    assert lr_factor("linear", 0, 10, 0) == 1.0
+    assert lr_factor("linear", 5, 10, 0) == pytest.approx(0.5)
+    assert lr_factor("linear", 1, 10, 4) == pytest.approx(0.5)  # warm-up 2/4
+    assert lr_factor("cosine", 5, 10, 0) == pytest.approx(0.5)
+    assert lr_factor("step", 4, 10, 0) == 1.0
+    assert lr_factor("step", 5, 10, 0) == pytest.approx(0.1)
+    assert lr_factor("step", 8, 10, 0) == pytest.approx(0.01)
+
+
+def test_loop_config_validates():
+    with pytest.raises(ConfigError, match="schedule='exp'"):
+        LoopConfig(schedule="exp")
+    with pytest.raises(ConfigError, match="epochs=0"):
+        LoopConfig(epochs=0)
+
+
+def test_mean_std_and_aggregate():
+    assert mean_std([]) == {"mean": None, "std": None, "n": 0}
+    ms = mean_std([1.0, 3.0])
+    assert ms["mean"] == 2.0 and ms["std"] == pytest.approx(math.sqrt(2.0)) and ms["n"] == 2
+    recs = [
+        {"method": "a", "seed": 0, "x": 1.0, "v": [1.0, None]},
+        {"method": "a", "seed": 1, "x": 3.0, "v": [3.0, 2.0]},
+        {"method": "b", "seed": 0, "x": None, "v": [5.0, 6.0]},
+    ]
+    agg = aggregate(recs, ["x"], ["v"])
+    assert agg["a"]["x"]["mean"] == 2.0 and agg["a"]["seeds"] == [0, 1]
+    assert agg["a"]["v"][1] == {"mean": 2.0, "std": 0.0, "n": 1}
+    assert agg["b"]["x"]["n"] == 0
+
+
+def _agg(c_mat, c_van, ov):
+    return {"mat": {"compute_to_target_flops": {"mean": c_mat}, "overhead_share": {"mean": ov}},
+            "vanilla": {"compute_to_target_flops": {"mean": c_van}, "overhead_share": {"mean": 0.0}}}
+
+
+def test_verdict_requires_speedup_and_small_overhead():
+    assert verdict(_agg(70.0, 100.0, 0.01))[0] is True
+    assert verdict(_agg(80.0, 100.0, 0.01))[0] is False  # 0.8× > 0.75×
+    assert verdict(_agg(50.0, 100.0, 0.05))[0] is False  # overhead 5 % > 2 %
+    ok, text = verdict(_agg(None, 100.0, 0.01))
+    assert ok is False and "never reached" in text
+    assert verdict({"vanilla": {}})[0] is None
+    assert verdict(_agg(10.0, 0.0, 0.01))[0] is None  # vanilla never improved on its initial val loss
+
+
+def test_lambda_max_matrix_reads_named_and_listed_histories():
+    hist = [{"event": "mat", "epoch": 1, "lambda_max": {"h0": 2.0, "h1": 3.0}},
+            {"event": "prune", "epoch": 2},
+            {"event": "mat", "epoch": 3, "lambda_max": {"h1": 4.0}}]
+    rows, when = lambda_max_matrix(hist, ["h0", "h1"])
+    assert when == [1, 3]
+    assert rows[0] == [2.0, 3.0] and math.isnan(rows[1][0]) and rows[1][1] == 4.0
+
+
+def test_add_train_acc_compute():
+    recs = [{"epoch_train_acc": [0.5, 0.92, 0.97], "epoch_flops": [10, 20, 30]}]
+    add_train_acc_compute(recs, (0.9, 0.95, 0.99))
+    assert recs[0]["compute_to_train_acc"] == [20.0, 30.0, None]
+
+
+def _toy_task() -> ImageTask:
+    from ntkit.models import build_model
+    from ntkit.partition import attention_heads
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 1, 8, 8, generator=g)
+    y = (x.flatten(1) @ torch.randn(64, 10, generator=g)).argmax(1)
+    return ImageTask(
+        name="toy", train_x=x[:80], train_y=y[:80], val_x=x[80:100], val_y=y[80:100], test_x=x[100:],
+        test_y=y[100:], partition_fn=attention_heads,
+        build=lambda: build_model("vit_tiny", dim=32, depth=2, heads=4),
+    )
+
+
+def test_loop_same_init_and_data_for_every_method_and_partial_backward_saves_flops():
+    task = _toy_task()
+    cfg = LoopConfig(epochs=2, batch_size=16, lr=1e-3, eval_every=2, progress=False)
+    specs = [MethodSpec("vanilla"), MethodSpec("vanilla", label="vanilla_again"),
+             MethodSpec("rand", {"seed": 0})]
+    recs = compare(task, specs, cfg, seeds=[0])
+    van, again, rand = recs
+    # determinism: identical init, data order and masks → identical curves
+    assert [p["val_loss"] for p in van["curve"]] == [p["val_loss"] for p in again["curve"]]
+    assert van["curve"][0]["val_loss"] == rand["curve"][0]["val_loss"]  # same initial weights
+    assert van["steps"] == rand["steps"] == 2 * 5
+    # Rand runs the same forward but skips half of the heads' weight gradients
+    assert rand["forward_flops"] == van["forward_flops"] > 0
+    assert rand["backward_flops"] < van["backward_flops"]
+    assert rand["backward_sparsity"] == pytest.approx(0.5)
+    assert van["overhead_flops"] == 0 and van["train_flops"] == van["forward_flops"] + van["backward_flops"]
+    assert len(van["active_history"]) == 2 and all(all(a) for a in van["active_history"])
+    # vanilla reaches its own best val loss exactly at its best evaluation
+    assert van["compute_to_target_flops"] == van["convergence_flops"]
+    assert 0.0 <= van["test_acc"] <= 1.0

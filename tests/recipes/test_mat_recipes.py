@@ -1,0 +1,106 @@
+"""Every MAT recipe runs end to end at its ``ci`` tier and writes the documented results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ntkit.recipes import get_recipe, run_recipe
+
+#: Fields every (method, seed) record carries (docs/results.md).
+RECORD_FIELDS = {
+    "method", "seed", "budgets", "val_loss_at_budget", "test_loss", "test_acc", "compute_to_target_flops",
+    "overhead_flops", "train_flops", "forward_flops", "backward_flops", "total_flops", "overhead_share",
+    "wall_s", "curve", "best_val_loss", "convergence_flops", "active_history", "forward_sparsity",
+    "backward_sparsity", "method_history",
+}
+
+
+def _run(name: str, out: Path, data_dir: Path | None, overrides=()) -> dict:
+    run_recipe(name, "ci", out, data_dir, overrides=overrides)
+    for f in ("results.json", "report.md", "config.json"):
+        assert (out / f).is_file(), f
+    doc = json.loads((out / "results.json").read_text())
+    res = doc["results"]
+    for r in res["records"]:
+        missing = RECORD_FIELDS - set(r)
+        assert not missing, (r["method"], missing)
+        assert r["train_flops"] > 0 and r["wall_s"] > 0
+        assert r["train_flops"] == r["forward_flops"] + r["backward_flops"]
+    for p in res["plots"]:
+        assert (out / p).is_file()
+    return res
+
+
+def _check_mat(res: dict, label: str = "mat") -> None:
+    mat = [r for r in res["records"] if r["method"] == label]
+    assert mat, label
+    r = mat[0]
+    assert r["overhead_flops"] > 0  # the mNTK evaluations ran and were booked as overhead
+    assert any(h.get("lambda_max") for h in r["method_history"])
+    assert "lambda_max_" + label + ".png" in res["plots"]
+
+
+def test_all_tiers_registered():
+    for name in ("mat-bert", "mat-switch", "mat-vgg", "mat-prune", "mat-scale", "demo"):
+        rec = get_recipe(name)
+        assert set(rec.tiers) == {"ci", "quick", "cpu", "paper"}
+        assert len(rec.tiers["cpu"].seeds if hasattr(rec.tiers["cpu"], "seeds") else rec.tiers["cpu"].mlm.seeds) >= 3
+
+
+def test_mat_bert_ci(tmp_path, data_dir):
+    res = _run("mat-bert", tmp_path, data_dir)
+    assert [r["method"] for r in res["records"]] == ["vanilla", "rand", "multirate", "mat"]
+    _check_mat(res)
+    van = res["records"][0]
+    assert van["budgets"] == pytest.approx([f * van["train_flops"] for f in (0.25, 0.5, 0.75)])
+    assert "offline" in res["split_note"]
+    report = (tmp_path / "report.md").read_text()
+    assert "paper: val_loss_at_10_pflops" in report and "MAT" in report and "offline" in report
+    assert res["verdict"]["mat_beat_vanilla"] in (True, False)
+    assert set(res["aggregate"]) == {"vanilla", "rand", "multirate", "mat"}
+
+
+def test_paper_columns_omitted_without_paper_numbers(tmp_path, data_dir):
+    res = _run("mat-bert", tmp_path, data_dir,
+               overrides=["methods=vanilla,mat", "paper_numbers=" + str(tmp_path / "missing.json"),
+                          "loop.epochs=1"])
+    assert not any(k.startswith("paper:") for k in next(iter(res["tables"].values()))[0])
+
+
+def test_mat_switch_ci_heads_and_experts(tmp_path, data_dir):
+    res = _run("mat-switch", tmp_path, data_dir)
+    r = next(r for r in res["records"] if r["method"] == "mat")
+    assert set(r["module_kinds"]) == {"head", "expert"}
+    _check_mat(res)
+
+
+def test_mat_vgg_ci(tmp_path, data_dir):
+    res = _run("mat-vgg", tmp_path, data_dir)
+    for r in res["records"]:
+        assert len(r["compute_to_train_acc"]) == 2 and 0.0 <= r["test_acc"] <= 1.0
+        assert set(r["module_kinds"]) == {"filter"}
+    _check_mat(res)
+
+
+def test_mat_prune_ci(tmp_path, data_dir):
+    res = _run("mat-prune", tmp_path, data_dir)
+    by = {r["method"]: r for r in res["records"]}
+    assert by["vanilla"]["forward_sparsity"] == 0.0
+    assert by["snip_50"]["forward_sparsity"] == pytest.approx(0.5)
+    assert by["mat_prune_50"]["forward_sparsity"] > 0.0
+    assert by["snip_50"]["total_flops"] < by["vanilla"]["total_flops"]
+
+
+def test_mat_scale_ci(tmp_path, data_dir):
+    res = _run("mat-scale", tmp_path, data_dir)
+    rows = next(iter(res["tables"].values()))
+    assert [row["size"] for row in rows] == ["tiny"]
+
+
+def test_demo_ci_needs_no_data_dir(tmp_path):
+    res = _run("demo", tmp_path, None)
+    assert [r["method"] for r in res["records"]] == ["vanilla", "rand", "multirate", "mat"]
+    _check_mat(res)
