@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -110,47 +110,12 @@ def kind_ids(partition: Partition, per_layer: bool) -> Tensor:
     return torch.tensor([ids.setdefault(k, len(ids)) for k in keys], dtype=torch.long)
 
 
-@contextlib.contextmanager
-def native_layers(controller: Any, model: torch.nn.Module) -> Iterator[None]:
-    """Run a measurement on the model as the controller's forward sees it, with native layers.
-
-    :func:`ntkit.sparse.attach` swaps covered layers for ``Sliced*`` subclasses; the mNTK engine
-    only has fast per-sample rules for the native classes (it falls back to ``torch.func`` for
-    the others, which is slower and cannot trace the sliced autograd Functions once groups are
-    pruned). Inside this context the original classes are restored and every pruned group's
-    parameter slices are zeroed in place — the same function as the pruned forward (a pruned
-    slice "acts as zero"); on exit the classes and the values come back bit for bit.
-
-    Workaround until the sparse package offers this itself: it reads the controller's private
-    ``_modules`` (``{name: (module, original_class)}``) and its ``partition``; a no-op for
-    controllers without them (or ``controller=None``).
-    """
-    mods = getattr(controller, "_modules", None)
-    partition = getattr(controller, "partition", None)
-    if not mods or partition is None:
-        yield
-        return
-    params = dict(model.named_parameters())
-    pruned = controller_pruned(controller, len(partition))
-    saved: list[tuple[Tensor, Tensor]] = []
-    swapped: list[tuple[torch.nn.Module, type]] = []
-    try:
-        with torch.no_grad():
-            for gi in pruned.nonzero(as_tuple=True)[0].tolist():
-                for s in partition[gi].slices:
-                    view = s.select(params[s.param])
-                    saved.append((view, view.clone()))
-                    view.zero_()
-        for module, orig in mods.values():
-            swapped.append((module, module.__class__))
-            module.__class__ = orig
-        yield
-    finally:
-        for module, cls in swapped:
-            module.__class__ = cls
-        with torch.no_grad():
-            for view, old in saved:
-                view.copy_(old)
+def native_layers(controller: Any, model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
+    """The controller's :meth:`~ntkit.sparse.SparseController.dense_view` (native layer classes,
+    pruned slices zeroed, restored bit for bit on exit) — so the mNTK engine measures with its
+    fast per-sample rules the function the pruned forward computes; a no-op without a controller."""
+    view = getattr(controller, "dense_view", None)
+    return view() if view is not None else contextlib.nullcontext()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -37,7 +37,8 @@ with changing active sets.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -233,6 +234,38 @@ class SparseController:
         for name, sl in self.slicings.items():
             params[name].requires_grad_(sl.orig_requires_grad)
         self._attached = False
+
+    @contextmanager
+    def dense_view(self) -> Iterator[nn.Module]:
+        """Temporarily present the model with its native layer classes and original
+        ``requires_grad`` flags, every pruned group's parameter slices zeroed in place — the same
+        function as the pruned forward (a pruned slice acts as zero). For measurements that need
+        the native layers (the mNTK engine's per-sample rules, ``torch.func``); on exit classes,
+        flags and values come back bit for bit. Yields the model."""
+        self._ensure_attached()
+        params = dict(self.model.named_parameters())
+        flags = {n: params[n].requires_grad for n in self.slicings}
+        saved: list[tuple[Tensor, Tensor]] = []
+        try:
+            with torch.no_grad():
+                for gi in self._pruned.nonzero(as_tuple=True)[0].tolist():
+                    for s in self.partition[gi].slices:
+                        view = s.select(params[s.param])
+                        saved.append((view, view.clone()))
+                        view.zero_()
+            for module, cls in self._modules.values():
+                module.__class__ = cls
+            for name, sl in self.slicings.items():
+                params[name].requires_grad_(sl.orig_requires_grad)
+            yield self.model
+        finally:
+            for module, cls in self._modules.values():
+                module.__class__ = sliced_class(cls)
+            for name, flag in flags.items():
+                params[name].requires_grad_(flag)
+            with torch.no_grad():
+                for view, old in saved:
+                    view.copy_(old)
 
     # ------------------------------------------------------------------------------ internals
     def _ensure_attached(self) -> None:
