@@ -21,7 +21,8 @@ One call of :func:`train_run` trains one (method, seed) on a :class:`~ntkit.reci
 FLOP accounting. FLOPs are those of the matmul/conv kernels that actually executed, counted by
 ``torch.utils.flop_counter`` through :mod:`ntkit.train.flops`; element-wise work (optimizer
 update, activations) is not counted (as in the papers' PFLOP figures). A step's count depends
-only on the batch shape and the controller's (active, pruned) sets, except for MoE models whose
+only on the task's work key (batch shape; for MLM also the number of masked positions, where the
+head runs) and the controller's (active, pruned) sets, except for MoE models whose
 expert FLOPs follow routing; so the loop counts a step when that signature is new (or always,
 when ``task.routing_dependent``) and re-uses the count otherwise — exact, and it keeps the
 counter's dispatch overhead out of the wall-clock.
@@ -149,9 +150,8 @@ class _FlopBook:
         self.overhead_wall_s += time.perf_counter() - t0
 
 
-def _signature(ctl: Any, batch: Any) -> tuple:
-    shapes = tuple(tuple(t.shape) for t in (batch if isinstance(batch, (tuple, list)) else [batch]))
-    return shapes, tuple(ctl.active.tolist()), tuple(ctl.pruned.tolist())
+def _signature(task: Task, ctl: Any, batch: Any) -> tuple:
+    return task.work_key(batch), tuple(ctl.active.tolist()), tuple(ctl.pruned.tolist())
 
 
 def _set_lr(opt: Any, lr: float) -> None:
@@ -270,7 +270,7 @@ def train_run(
             _set_lr(opt, cfg.lr * lr_factor(cfg.schedule, step, total_steps, cfg.warmup_steps))
             batch = task.train_batch(order[i * cfg.batch_size : (i + 1) * cfg.batch_size], mask_gen)
             method.before_step(ctx)
-            sig = _signature(ctl, batch)
+            sig = _signature(task, ctl, batch)
             count = task.routing_dependent or sig not in cache
             opt.zero_grad(set_to_none=True)
             if count:

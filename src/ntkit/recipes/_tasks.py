@@ -60,6 +60,11 @@ class Task:
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float | None]:
         raise NotImplementedError
 
+    def work_key(self, batch: Any) -> tuple:
+        """What the executed FLOPs of a training step depend on, besides the active/pruned sets
+        (the loop re-uses a step's FLOP count for an equal key): the batch tensors' shapes."""
+        return tuple(tuple(t.shape) for t in (batch if isinstance(batch, (tuple, list)) else [batch]))
+
     def ntk_batch(self, num_samples: int, generator: torch.Generator) -> tuple[Any, Tensor | None]:
         raise NotImplementedError
 
@@ -135,6 +140,11 @@ class MLMTask(Task):
         if aux is not None:
             loss = loss + self.aux_weight * aux
         return loss, 0, 0
+
+    def work_key(self, batch: tuple[Tensor, Tensor]) -> tuple:
+        """Shapes plus the number of masked positions (the MLM head runs only there)."""
+        ids, labels = batch
+        return tuple(ids.shape), int((labels != -100).sum())
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str) -> dict[str, float | None]:

@@ -27,8 +27,8 @@ TIERS = {
     ),
     "quick": MLMCompareConfig(
         size="mini", seq_len=64, vocab_size=8000, val_blocks=256, test_blocks=512,
-        ntk_samples=64, start_epoch=2, interval=2,
-        loop=LoopConfig(epochs=6, batch_size=16, lr=5e-4, steps_per_epoch=60, eval_every=20, warmup_steps=20),
+        ntk_samples=64, start_epoch=3, interval=3,
+        loop=LoopConfig(epochs=12, batch_size=16, lr=1e-3, steps_per_epoch=100, eval_every=100, warmup_steps=100),
     ),
     "cpu": MLMCompareConfig(
         size="mini", seq_len=128, vocab_size=8000, seeds=(0, 1, 2),
