@@ -234,7 +234,7 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
 
 # ----------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="ntkit bench backward", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke test)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 7; quick 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")

@@ -1,4 +1,4 @@
-"""Shared body of the image-classification MAT recipes (mat-vgg, demo-mat).
+"""Shared body of the image-classification MAT recipes (mat-vgg, demo).
 
 :class:`ImageCompareConfig` → :func:`build_image_task` (an
 :class:`~ntkit.recipes._tasks.ImageTask` with a validation split held out of train) and
