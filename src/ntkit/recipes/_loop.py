@@ -296,7 +296,7 @@ def train_run(
             step += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
             if step % eval_every == 0 and i != spe - 1:
                 validate(step, epoch)
         model.eval()  # the mNTK engine needs sample-independent (eval-mode) forward passes

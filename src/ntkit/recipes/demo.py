@@ -25,8 +25,8 @@ def _cfg(**kw: object) -> ImageCompareConfig:
 TIERS = {
     "ci": _cfg(ntk_samples=8, start_epoch=1, interval=1,
                loop=LoopConfig(epochs=2, batch_size=32, lr=2e-3, steps_per_epoch=4, progress=False)),
-    "quick": _cfg(ntk_samples=64, start_epoch=4, interval=4,
-                  loop=LoopConfig(epochs=24, batch_size=32, lr=2e-3, schedule="linear", warmup_steps=20)),
+    "quick": _cfg(ntk_samples=64, start_epoch=8, interval=8,
+                  loop=LoopConfig(epochs=80, batch_size=32, lr=2e-3, schedule="linear", warmup_steps=20)),
     "cpu": _cfg(ntk_samples=64, start_epoch=4, interval=4, seeds=(0, 1, 2),
                 loop=LoopConfig(epochs=24, batch_size=32, lr=2e-3, schedule="linear", warmup_steps=20)),
     "paper": _cfg(ntk_samples=64, start_epoch=5, interval=5, seeds=(0, 1, 2, 3, 4),
