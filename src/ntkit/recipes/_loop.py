@@ -47,7 +47,7 @@ from torch import nn
 from ntkit.errors import check
 from ntkit.recipes._tasks import Task
 
-__all__ = ["LoopConfig", "MethodSpec", "compare", "finalize", "first_crossing", "interpolate_at", "train_run"]
+__all__ = ["LoopConfig", "MethodSpec", "compare", "comparison_specs", "finalize", "first_crossing", "interpolate_at", "train_run"]
 
 
 @dataclass
@@ -109,6 +109,35 @@ class MethodSpec:
     def __post_init__(self) -> None:
         if not self.label:
             self.label = self.name
+
+
+def comparison_specs(
+    labels: Sequence[str],
+    seed: int,
+    *,
+    rand_fraction: float,
+    multirate_k: int,
+    mat_kw: dict[str, Any],
+    other: Callable[[str], MethodSpec | None] | None = None,
+) -> list[MethodSpec]:
+    """Specs of the standard comparison labels — ``vanilla``, ``rand``, ``multirate``, ``mat``
+    (``mat_kw`` = MAT's settings) — all seeded with ``seed``; any other label goes to ``other``
+    (dropped when it returns None)."""
+    out = []
+    for lab in labels:
+        if lab == "vanilla":
+            spec: MethodSpec | None = MethodSpec("vanilla", {}, lab)
+        elif lab == "rand":
+            spec = MethodSpec("rand", {"fraction": rand_fraction, "seed": seed}, lab)
+        elif lab == "multirate":
+            spec = MethodSpec("multirate", {"k": multirate_k, "seed": seed}, lab)
+        elif lab == "mat":
+            spec = MethodSpec("mat", dict(mat_kw, seed=seed), lab)
+        else:
+            spec = other(lab) if other is not None else None
+        if spec is not None:
+            out.append(spec)
+    return out
 
 
 def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:

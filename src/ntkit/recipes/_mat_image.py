@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ntkit.errors import check
-from ntkit.recipes._loop import LoopConfig, MethodSpec
+from ntkit.recipes._loop import LoopConfig, MethodSpec, comparison_specs
 from ntkit.recipes._tasks import ImageTask
 
 __all__ = ["ImageCompareConfig", "add_train_acc_compute", "build_image_task", "image_method_specs",
@@ -94,19 +94,10 @@ class ImageCompareConfig:
 
 def image_method_specs(cfg: ImageCompareConfig, seed: int = 0) -> list[MethodSpec]:
     """The methods of ``cfg.methods`` (seeded with ``seed``)."""
-    out = []
-    for lab in cfg.methods:
-        if lab == "vanilla":
-            out.append(MethodSpec("vanilla", {}, lab))
-        elif lab == "rand":
-            out.append(MethodSpec("rand", {"fraction": cfg.rand_fraction, "seed": seed}, lab))
-        elif lab == "multirate":
-            out.append(MethodSpec("multirate", {"k": cfg.multirate_k, "seed": seed}, lab))
-        else:
-            out.append(MethodSpec("mat", {"alpha": {cfg.kind: cfg.alpha}, "beta": cfg.beta,
-                                          "num_samples": cfg.ntk_samples, "start_epoch": cfg.start_epoch,
-                                          "interval": cfg.interval, "seed": seed}, lab))
-    return out
+    mat_kw = {"alpha": {cfg.kind: cfg.alpha}, "beta": cfg.beta, "num_samples": cfg.ntk_samples,
+              "start_epoch": cfg.start_epoch, "interval": cfg.interval, "seed": seed}
+    return comparison_specs(cfg.methods, seed, rand_fraction=cfg.rand_fraction, multirate_k=cfg.multirate_k,
+                            mat_kw=mat_kw, other=lambda lab: MethodSpec("mat", mat_kw, lab))
 
 
 def _crop_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

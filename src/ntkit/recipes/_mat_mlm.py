@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ntkit.errors import check
-from ntkit.recipes._loop import LoopConfig, MethodSpec
+from ntkit.recipes._loop import LoopConfig, MethodSpec, comparison_specs
 from ntkit.recipes._tasks import MLMTask
 
 __all__ = ["KNOWN_METHODS", "MLMCompareConfig", "build_mlm_task", "method_specs"]
@@ -115,22 +115,17 @@ def method_specs(cfg: MLMCompareConfig, seed: int = 0) -> list[MethodSpec]:
         alpha["expert"] = cfg.alpha_expert
     mat_kw: dict[str, Any] = {"alpha": alpha, "beta": cfg.beta, "num_samples": cfg.ntk_samples,
                                   "start_epoch": cfg.start_epoch, "interval": cfg.interval, "seed": seed}
-    out = []
-    for lab in cfg.methods:
-        if lab == "vanilla":
-            out.append(MethodSpec("vanilla", {}, lab))
-        elif lab == "rand":
-            out.append(MethodSpec("rand", {"fraction": cfg.rand_fraction, "seed": seed}, lab))
-        elif lab == "multirate":
-            out.append(MethodSpec("multirate", {"k": cfg.multirate_k, "seed": seed}, lab))
-        elif lab == "mat":
-            out.append(MethodSpec("mat", mat_kw, lab))
-        elif (p := _pct_suffix(lab, "mat_prune_")) is not None:
+
+    def other(lab: str) -> MethodSpec | None:
+        if (p := _pct_suffix(lab, "mat_prune_")) is not None:
             kw = dict(mat_kw, alpha={"head": cfg.prune_alpha}, prune_epoch=cfg.prune_epoch, prune_fraction=p)
-            out.append(MethodSpec("mat_prune", kw, lab))
-        elif (p := _pct_suffix(lab, "snip_")) is not None:
-            out.append(MethodSpec("snip_struct", {"fraction": p, "kind": "head"}, lab))
-    return out
+            return MethodSpec("mat_prune", kw, lab)
+        if (p := _pct_suffix(lab, "snip_")) is not None:
+            return MethodSpec("snip_struct", {"fraction": p, "kind": "head"}, lab)
+        return None
+
+    return comparison_specs(cfg.methods, seed, rand_fraction=cfg.rand_fraction, multirate_k=cfg.multirate_k,
+                            mat_kw=mat_kw, other=other)
 
 
 def _partition_fn(kinds: str):
