@@ -20,6 +20,7 @@ Two tasks exist: :class:`MLMTask` (BERT / Switch masked language modelling) and
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -173,7 +174,13 @@ class MLMTask(Task):
 
 def _takes_positions(model: nn.Module) -> bool:
     """Whether ``model.forward`` accepts ``positions=`` (MLM head only at selected positions)."""
-    return "positions" in inspect.signature(model.forward).parameters
+    return _forward_takes_positions(type(model))
+
+
+@functools.cache
+def _forward_takes_positions(cls: type) -> bool:
+    """Per model class, so the per-step loss does not re-inspect the signature."""
+    return "positions" in inspect.signature(cls.forward).parameters
 
 
 class ImageTask(Task):
