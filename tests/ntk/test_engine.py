@@ -484,6 +484,48 @@ def test_zoo_language_models_layers_partition(name: str, kw: dict) -> None:
     assert got.fallback_layers == []
 
 
+@pytest.mark.parametrize("name, kw", [(z[0], z[1]) for z in ZOO[:2]], ids=[z[0] for z in ZOO[:2]])
+@pytest.mark.parametrize("output", ["sum_logits", "logits"])
+def test_packed_logits_at_output_positions(name: str, kw: dict, output: str) -> None:
+    """``model(ids, positions=mask)`` returns logits [n, V] at the masked positions only; the
+    layers after the gather (MLM head, tied decoder) see packed rows and are mapped back to their
+    samples. Against brute force on the unpacked [S, T, V] output, every partition, no fallback."""
+    from ntkit import partition as P
+
+    model, x, mask = _zoo_case(name, kw, s=3 if output == "sum_logits" else 2)
+    if output == "logits":  # all logits need the same number of positions per sample
+        mask = torch.zeros_like(mask)
+        mask[:, [1, 4]] = True
+    packed = {"input_ids": x, "positions": mask}
+    for part in (P.auto(model), P.layers(model)):
+        ref = modular_ntk(model, x, part, strategy="brute_force", output=output, output_mask=mask)
+        got = modular_ntk(model, packed, part, output=output, output_mask=mask)
+        assert got.strategy == "hooks" and got.fallback_layers == []
+        assert rel(got.grams, ref.grams) <= 1e-10
+        if output == "sum_logits":  # the reference itself on packed outputs
+            bf = modular_ntk(model, packed, part, strategy="brute_force", output=output, output_mask=mask)
+            assert rel(bf.grams, ref.grams) <= 1e-10
+
+
+def test_packed_logits_ambiguous_or_wrong_count_refused() -> None:
+    from ntkit import partition as P
+
+    model, x, _ = _zoo_case("bert_mlm", ZOO[0][1], s=3)
+    part = P.layers(model)
+    one_each = torch.zeros(3, 6, dtype=torch.bool)
+    one_each[:, 2] = True  # n == S, one position per sample: unambiguous
+    ref = modular_ntk(model, x, part, strategy="brute_force", output_mask=one_each)
+    got = modular_ntk(model, {"input_ids": x, "positions": one_each}, part, output_mask=one_each)
+    assert rel(got.grams, ref.grams) <= 1e-10
+    uneven = torch.zeros(3, 6, dtype=torch.bool)
+    uneven[0, :2] = True
+    uneven[1, 3] = True  # n == S = 3 rows but counts 2 / 1 / 0
+    with pytest.raises(UnsupportedModelError, match="output_mask: packed logits"):
+        modular_ntk(model, {"input_ids": x, "positions": uneven}, part, output_mask=uneven)
+    with pytest.raises(ConfigError, match="model output rows"):
+        modular_ntk(model, {"input_ids": x, "positions": one_each}, part, output_mask=uneven | one_each)
+
+
 class EmbedBag(nn.Module):
     """One token per sample (ids [S]) plus a padded sequence; padding_idx rows get no gradient."""
 

@@ -24,9 +24,10 @@ So the floor of the engine is ≈ (6·N·L·I·O + 2·N²·P) per layer against 
 forward+backward: 1 + N/(3·L) when materialising, less with the contraction — and layers the
 partition does not cover skip their weight gradients entirely, so the engine can undercut a
 plain forward+backward. Measured (``bench/ntk_engine.py``, CPU, 2 threads, S = 64; FLOPs from
-``FlopCounterMode``): BERT-mini heads, T = 128: 191 GFLOP against 259 for fwd+bwd, 0.75–0.79×
-its time (the forward and the input-gradient backward, a third of their FLOPs in the 8000-word
-decoder, are ≈ 90% of the engine's time); VGG-16 filters (P = 14.7 M, every conv / BN
+``FlopCounterMode``): BERT-mini heads, T = 128, MLM head at the 15% masked positions only
+(packed outputs): 132 GFLOP against 171 for fwd+bwd (also packed), 0.83× its time (the forward
+and the input-gradient backward are ≈ 85% of the engine's time; with logits at all T positions,
+as torch.func needs them, 191 GFLOP, a third of them in the 8000-word decoder); VGG-16 filters (P = 14.7 M, every conv / BN
 parameter): 111 against 120 GFLOP but 2.0–2.3× the time, the per-sample gradients of the 8×8
 layers (GEMMs with inner dimension L = 64) and memory-bound Gram updates being slower per FLOP
 than oneDNN convolutions.
@@ -201,8 +202,20 @@ def _logits_of(out: Any) -> Tensor:
 
 
 def _per_sample(out: Any, output: str, mask: Tensor | None) -> Tensor:
-    """Model output → per-sample scalars [S] (``sum_logits``) or logits [S, k] (``logits``)."""
+    """Model output → per-sample scalars [S] (``sum_logits``) or logits [S, k] (``logits``).
+
+    With ``mask`` [S, T], the output is either [S, T, V] (masked here) or *packed*: [n, V] with
+    one row per True entry of ``mask`` in row-major order (``BertMLM(..., positions=mask)``)."""
     z = _logits_of(out)
+    if mask is not None and z.dim() == 2:
+        s, n = mask.shape[0], int(mask.sum())
+        check(z.shape[0] == n, "model output rows", z.shape[0], f"{n} (output_mask's True count: packed logits) or an output [S, T, V]")
+        if output == "sum_logits":
+            sample = torch.arange(s, device=z.device).unsqueeze(1).expand_as(mask)[mask]
+            return z.new_zeros(s).index_add(0, sample, z.sum(-1))
+        counts = mask.sum(1).tolist()
+        check(len(set(counts)) <= 1, "output_mask", f"counts {counts[:8]}", "the same number of positions per sample")
+        return z.reshape(s, -1)
     s = z.shape[0]
     if z.dim() >= 3 and mask is not None:
         check(tuple(mask.shape) == tuple(z.shape[:2]), "output_mask shape", tuple(mask.shape), f"{tuple(z.shape[:2])}")
@@ -520,6 +533,7 @@ class _HookRun:
         self.router_of: dict[int, SwitchFFN] = {}
         self.ctx: dict[int, dict[str, Any]] = {}
         self.input_ptrs: set[int] = set()  # storages of the user's input tensors
+        self.packed: Tensor | None = None  # sample of each output_mask position (packed outputs)
         for m in model.modules():
             if isinstance(m, SwitchFFN):
                 self.router_of[id(m.router)] = m
@@ -558,6 +572,11 @@ class _HookRun:
                 rows = ("expert", self.ctx[id(ffn)], e)
             elif id(m) in self.router_of and kind == "linear" and x.dim() == 2 and x.shape[0] % self.s == 0:
                 rows = ("flat",)
+            elif (
+                self.packed is not None and x.dim() >= 2 and x.shape[0] == self.packed.numel() != self.s
+                and kind in ("linear", "layernorm")
+            ):  # after a gather of the output positions (packed logits): rows → their samples
+                rows = ("packed", self.packed)
             elif x.dim() < (1 if kind == "embedding" else 2) or x.shape[0] != self.s or id(m) in self.expert_of:
                 return self._refuse(m, f"{name}: input {tuple(x.shape)} has no sample dim of size S={self.s}")
             elif x.dim() == 1 and x.untyped_storage().data_ptr() not in self.input_ptrs:
@@ -610,6 +629,8 @@ class _HookRun:
         x = call.x
         m = call.module
         p = getattr(m, attr)
+        if call.rows is not None and call.rows[0] == "packed":  # [n, …] → zero-padded [S, Lmax, …]
+            x, g = _pad_rows(x, g, call.rows[1], s)
         if call.kind == "linear":
             a, d = x.to(acc), g.to(acc)
             if call.rows is not None and call.rows[0] == "expert":
@@ -725,17 +746,35 @@ class _HookRun:
         self.flops += _chunked_grams(rows_k, shape, self.s * npass, slices, self.grams, self.budget)
 
 
+def _check_packed(run: _HookRun, z: Tensor, mask: Tensor | None) -> None:
+    """After the forward: layers that took packed rows are valid only if the output is packed,
+    and packed outputs with n == S rows are ambiguous unless each sample has one position."""
+    packed = mask is not None and z.dim() == 2
+    if not packed:
+        for calls in run.calls.values():
+            for c in calls:
+                if c.rows is not None and c.rows[0] == "packed":
+                    run._refuse(c.module, f"{type(c.module).__name__}: input rows match output_mask's count, not S")
+        return
+    assert mask is not None
+    if mask.sum() == run.s and not bool((mask.sum(1) == 1).all()):
+        raise UnsupportedModelError(
+            f"output_mask: packed logits with n = S = {run.s} rows but uneven positions per sample; layers "
+            "after the gather cannot be told from per-sample ones — pass outputs [S, T, V] for this batch"
+        )
+
+
 def _pad_rows(a: Tensor, d: Tensor, sample: Tensor, s: int) -> tuple[Tensor, Tensor]:
     """Rows [n, ·] owned by samples ``sample`` (sorted) → zero-padded [S, Lmax, ·]."""
     n = sample.numel()
     if n == 0:
-        return a.new_zeros(s, 1, a.shape[-1]), d.new_zeros(s, 1, d.shape[-1])
+        return a.new_zeros(s, 1, *a.shape[1:]), d.new_zeros(s, 1, *d.shape[1:])
     counts = torch.bincount(sample, minlength=s)
     offsets = torch.cumsum(counts, 0) - counts
     pos = torch.arange(n, device=a.device) - offsets[sample]
     lmax = int(counts.max())
-    ap = a.new_zeros(s, lmax, a.shape[-1])
-    dp = d.new_zeros(s, lmax, d.shape[-1])
+    ap = a.new_zeros(s, lmax, *a.shape[1:])
+    dp = d.new_zeros(s, lmax, *d.shape[1:])
     ap[sample, pos] = a
     dp[sample, pos] = d
     return ap, dp
@@ -853,7 +892,12 @@ def modular_ntk(
             [M, S, S]; or ``"logits"`` — all k logits per sample, Grams [M, S·k, S·k]
             (sample-major: row i·k + j is sample i, logit j).
         strategy: see :class:`Strategy`.
-        output_mask: bool [S, T] for outputs with a token dim; None = all positions.
+        output_mask: bool [S, T] for outputs with a token dim; None = all positions. The model
+            may instead return *packed* logits [n, k], one row per True entry in row-major order
+            (``BertMLM(ids, positions=output_mask)``: the head runs at those positions only —
+            for BERT-mini at T = 128 a third less work). Layers after that gather see n rows,
+            which hooks map back to their samples (Linear, LayerNorm; others fall back). With
+            n == S rows and uneven counts per sample this is ambiguous and refused.
         dtype: accumulation / result dtype (default: the covered parameters' dtype). Pass
             ``torch.float64`` for ill-conditioned kernels.
         chunk_size: vmap chunk size of the functorch strategy (None = all samples at once).
@@ -930,8 +974,12 @@ def modular_ntk(
                     grams = torch.zeros(len(part), s, s, dtype=acc, device=device)
                     run.grams = grams
                 run.input_ptrs = {t.untyped_storage().data_ptr() for t in (*args, *kwargs.values()) if isinstance(t, Tensor)}
+                if output_mask is not None:
+                    run.packed = torch.arange(s, device=output_mask.device).unsqueeze(1).expand_as(output_mask)[output_mask]
                 handles = run.register()
-                y = _per_sample(model(*args, **kwargs), output, output_mask)
+                z = _logits_of(model(*args, **kwargs))
+                _check_packed(run, z, output_mask)
+                y = _per_sample(z, output, output_mask)
                 n_out = 1 if y.dim() == 1 else y.shape[1]
                 if grams is None:
                     grams = torch.zeros(len(part), s * n_out, s * n_out, dtype=acc, device=device)

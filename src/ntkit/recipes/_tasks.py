@@ -112,11 +112,14 @@ class MLMTask(Task):
         self.eval_batch_size = eval_batch_size
         self.aux_weight = aux_weight
         self.routing_dependent = routing_dependent
+        self._packed_ntk = False  # set by build_model: the model takes positions=
         g = torch.Generator().manual_seed(eval_seed)
         self._eval = {"val": collate(val, g), "test": collate(test, g)}
 
     def build_model(self) -> nn.Module:
-        return self._build()
+        model = self._build()
+        self._packed_ntk = _takes_positions(model)
+        return model
 
     def partition(self, model: nn.Module) -> Partition:
         return self._partition(model)
@@ -165,11 +168,18 @@ class MLMTask(Task):
                 count += n
         return {"loss": total / max(count, 1), "acc": None}
 
-    def ntk_batch(self, num_samples: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """S random training blocks, masked: ``(input_ids [S, T], output_mask [S, T] bool)``."""
+    def ntk_batch(self, num_samples: int, generator: torch.Generator) -> tuple[Any, Tensor]:
+        """S random training blocks, masked: ``(inputs, output_mask [S, T] bool)``; ``inputs`` is
+        ``{"input_ids", "positions"}`` (the head runs at the masked positions only, packed logits)
+        for models that take ``positions=``, else ``input_ids [S, T]``. Packed rows are refused by
+        the engine when their count equals S unevenly, so such a draw stays unpacked."""
         idx = torch.randperm(self.num_train, generator=generator)[:num_samples]
         ids, labels = self._collate(self.train.index_select(0, idx), generator)
-        return ids, labels != -100
+        mask = labels != -100
+        n = int(mask.sum())
+        if self._packed_ntk and (n != num_samples or bool((mask.sum(1) == 1).all())):
+            return {"input_ids": ids, "positions": mask}, mask
+        return ids, mask
 
 
 def _takes_positions(model: nn.Module) -> bool:
