@@ -75,6 +75,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ntkit.train.allocator import tune_cpu_allocator
+
 __all__ = ["main"]
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ntk_engine.json"
@@ -362,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--_mem-child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    malloc = "glibc, freed memory kept for reuse" if tune_cpu_allocator() else "system default"
     if args._mem_child:
         name, method = args._mem_child
         c = build_case(name, args.quick, args.S, args.T)
@@ -405,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "quick": args.quick,
             "repeats": repeats,
             "threads": torch.get_num_threads(),
+            "malloc": malloc,
             "torch": torch.__version__,
             "platform": platform.platform(),
             "argv": list(argv) if argv is not None else sys.argv[1:],

@@ -6,8 +6,9 @@ cheap and their sub-100 ms timings are the noisiest); the baseline (the plain, u
 model with ``torch.optim.AdamW``) is measured in the same run.
 
 * Per sliced layer type — Linear rows (a fused QKV projection, 50% of heads), Linear columns
-  (the output projection, 50% of heads), Conv2d filters (+ BN affine, 50% of filters), MoE
-  experts (a SwitchFFN, 50% of experts): **backward** time and executed FLOPs (FlopCounterMode:
+  (the output projection, 50% of heads), Conv2d filters (50% of filters; alone, and followed by
+  its train-mode BatchNorm whose affine is part of each filter, as in VGG), MoE experts (a
+  SwitchFFN, 50% of experts): **backward** time and executed FLOPs (FlopCounterMode:
   matmuls / convolutions) at 50% active over the full backward. Something upstream trains (the
   input requires grad), so input gradients are still computed.
 * Per model — ``bert_mlm('small')`` (heads), ``vgg16`` (filters), ``switch_mlm('small', 4)``
@@ -21,7 +22,15 @@ about 0.75 (fwd 1 + dX 1 + dW ½ over 3 for the step, dX 1 + dW ½ over 2 for th
 model's is higher. Time can only approach the FLOP ratio: the sliced path adds a gather of the
 output gradient for the active slices and a scatter of their weight gradient, elementwise work
 (norms, activations, softmax, optimizer) does not shrink, and BLAS / oneDNN efficiency is not
-linear in matrix size. Target: time ratio ≤ FLOP ratio + 0.05 at 50%.
+linear in matrix size. Target: time ratio ≤ FLOP ratio + 0.05 at 50%. For the Conv2d layer the
+kernels alone (input gradient + half the filters' weight gradient + the gather, timed by
+``bench/conv_backward_parts.py``) already sit at ≈ 0.80 on this CPU, and the BatchNorm backward
+both paths pay (not in the FLOP count) adds to that.
+
+CPU memory: the benchmark calls :func:`ntkit.train.tune_cpu_allocator` first (glibc keeps freed
+memory for reuse; ``NTKIT_MALLOC=system`` opts out): with the default, every configuration's
+multi-MB tensors are page-faulted back in on each call, which adds ±20% noise to single-layer
+timings and a cost per byte allocated that is not compute.
 
     python bench/partial_backward.py --quick          # smoke test (seconds)
     python bench/partial_backward.py                   # full sizes; writes bench/results/partial_backward.json
@@ -52,6 +61,7 @@ from ntkit.models import build_model, mlm_loss
 from ntkit.models.layers import MultiHeadSelfAttention, SwitchFFN
 from ntkit.partition import Partition
 from ntkit.sparse import SlicedAdamW, attach
+from ntkit.train.allocator import tune_cpu_allocator
 
 __all__ = ["main"]
 
@@ -112,8 +122,10 @@ def _layer_cases(quick: bool) -> dict[str, tuple[nn.Module, Partition, Callable[
     cases["linear_rows"] = (attn.qkv, rows.bind(attn.qkv), lambda: torch.randn(n_tok, d, requires_grad=True))
     cases["linear_columns"] = (attn.proj, cols.bind(attn.proj), lambda: torch.randn(n_tok, d, requires_grad=True))
     c, hw, b = (32, 16, 16) if quick else (64, 32, 64)
-    conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+    conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1))
     cases["conv2d_filters"] = (conv, P.conv_filters(conv), lambda: torch.randn(b, c, hw, hw, requires_grad=True))
+    conv_bn = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+    cases["conv2d_filters+bn"] = (conv_bn, P.conv_filters(conv_bn), lambda: torch.randn(b, c, hw, hw, requires_grad=True))
     moe = SwitchFFN(d, 4 * d, 4)
     ep = _strip(P.moe_experts(nn.Sequential(moe)), "0.")
     cases["moe_experts"] = (moe, ep.bind(moe), lambda: torch.randn(n_tok // 64, 64, d, requires_grad=True))
@@ -251,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _CLOCK
     _CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    malloc = "glibc, freed memory kept for reuse" if tune_cpu_allocator() else "system default"
     results: dict[str, dict[str, Any]] = {}
     for name, (layer, part, make_x) in _layer_cases(args.quick).items():
         if args.only is None or name in args.only:
@@ -259,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.only is None or name in args.only:
             results[name] = bench_model(name, build, make_part, make_batch, task, repeats)
 
-    print(f"partial backward, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"partial backward, torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}, "
           f"{repeats} interleaved repeats (medians), {args.clock} clock{' [quick]' if args.quick else ''}")
     print(f"{'case':<28}{'measured':<15}{'active':>7}{'time s':>10}{'time ratio':>12}{'FLOP ratio':>12}{'ok':>5}")
     for name, r in results.items():
@@ -275,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                for k, v in results.items()}
     payload = {
         "config": {"quick": args.quick, "repeats": repeats, "clock": args.clock, "threads": torch.get_num_threads(),
-                   "torch": torch.__version__, "platform": platform.platform(), "only": args.only},
+                   "malloc": malloc, "torch": torch.__version__, "platform": platform.platform(), "only": args.only},
         "results": results,
         "summary": summary,
     }

@@ -268,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extra]
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.command in ("demo", "run", "bench"):
+            from ntkit.train.allocator import tune_cpu_allocator
+
+            tune_cpu_allocator()  # reuse freed CPU memory (NTKIT_MALLOC=system opts out)
         return _COMMANDS[args.command](args)
     except SystemExit as e:  # --help / --version
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)

@@ -47,10 +47,7 @@ class Idx:
             breaks = torch.nonzero(self.index[1:] != self.index[:-1] + 1).flatten()
             starts = torch.cat([self.index[:1], self.index[breaks + 1]])
             stops = torch.cat([self.index[breaks] + 1, self.index[-1:] + 1])
-            block = self.size
-            for v in torch.cat([starts, stops]).tolist():
-                block = math.gcd(block, int(v))
-            self.block = block
+            self.block = math.gcd(self.size, *torch.cat([starts, stops]).tolist())
         self._blocks = self.index[:: self.block] // self.block if self.block > 1 else self.index
         self._dev: dict[torch.device, Tensor] = {}
 
@@ -195,8 +192,11 @@ class _Conv2dFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: LayerPlan, mod: nn.Conv2d) -> Tensor:  # type: ignore[override]
         pad = _padding(mod)
-        keep = plan.w_keep
-        if keep is None:
+        keep, has_bias = plan.w_keep, bias is not None
+        if keep is None and plan.b_keep is None:  # bias fused into the convolution
+            y = F.conv2d(x, weight, bias, mod.stride, pad, mod.dilation)
+            bias = None
+        elif keep is None:
             y = F.conv2d(x, weight, None, mod.stride, pad, mod.dilation)
         else:
             ho, wo = _conv_out_hw(mod, x.shape[-2], x.shape[-1])
@@ -206,7 +206,7 @@ class _Conv2dFn(torch.autograd.Function):
         if bias is not None:
             y = y + _masked_full(bias, plan.b_keep, 0).view(1, -1, 1, 1)
         ctx.save_for_backward(x, weight)
-        ctx.plan, ctx.has_bias = plan, bias is not None
+        ctx.plan, ctx.has_bias = plan, has_bias
         ctx.conf = (list(mod.stride), list(pad), list(mod.dilation))
         return y
 
@@ -226,13 +226,6 @@ class _Conv2dFn(torch.autograd.Function):
         if keep is None and a is None:
             gx, gw, _ = cbw(gy, w, [need_x, need_w, False])
         else:
-            if need_x:
-                if keep is None:
-                    gx = cbw(gy, w, [True, False, False])[0]
-                elif len(keep):
-                    gx = cbw(keep.take(gy, 1).contiguous(), keep.take(w, 0), [True, False, False])[0]
-                else:
-                    gx = torch.zeros_like(x)
             if need_w:
                 if a is None:
                     gw = cbw(gy, w, [False, True, False])[1]
@@ -241,13 +234,22 @@ class _Conv2dFn(torch.autograd.Function):
                     if len(a):
                         # the bias gradient of the same channels comes from the same call
                         fused_b = ctx.has_bias and ctx.needs_input_grad[2] and p.b_grad is a
+                        # the weight's values do not enter its own gradient: a view of the
+                        # right shape (the first len(a) filters) instead of a gather
                         _, gw_a, gb_a = torch.ops.aten.convolution_backward(
-                            a.take(gy, 1).contiguous(), x, a.take(w, 0), [len(a)] if fused_b else None,
+                            a.take(gy, 1).contiguous(), x, w.narrow(0, 0, len(a)), [len(a)] if fused_b else None,
                             stride, pad, dil, False, [0, 0], 1, [False, True, fused_b],
                         )
                         a.put(gw, 0, gw_a)
                         if fused_b:
                             gb = a.put(w.new_zeros(w.shape[0]), 0, gb_a)
+            if need_x:
+                if keep is None:
+                    gx = cbw(gy, w, [True, False, False])[0]
+                elif len(keep):
+                    gx = cbw(keep.take(gy, 1).contiguous(), keep.take(w, 0), [True, False, False])[0]
+                else:
+                    gx = torch.zeros_like(x)
         if ctx.has_bias and ctx.needs_input_grad[2] and gb is None:
             gb = _sum_sel(gy, p.b_grad, (0, 2, 3), w.new_empty(w.shape[0]))
         return gx, gw, gb, None, None

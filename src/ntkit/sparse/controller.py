@@ -202,7 +202,13 @@ class SparseController:
     def active_index(self, name: str) -> Tensor | None:
         """LongTensor of the indices (along the sliced dim) of covered param ``name`` that train
         now (active groups + shared indices); ``None`` when all do."""
-        return self._active_idx[name]
+        sel = self._active_sel[name]
+        return None if sel is None else sel.index
+
+    def active_sel(self, name: str) -> Idx | None:
+        """The same set as :meth:`active_index`, as the cached :class:`Idx` (built once per
+        :meth:`set_active`, not per optimizer step)."""
+        return self._active_sel[name]
 
     def grad_masks(self) -> dict[str, Tensor]:
         """``{param_name: bool mask shaped like the param}``: True where the element received a real
@@ -281,10 +287,10 @@ class SparseController:
         params = dict(self.model.named_parameters())
         act, keep = self.active, ~self._pruned
         per_module: dict[str, dict[str, tuple[ParamSlicing, Tensor, Tensor]]] = {}
-        self._active_idx: dict[str, Tensor | None] = {}
+        self._active_sel: dict[str, Idx | None] = {}
         for name, sl in self.slicings.items():
             amask, kmask = self._index_mask(sl, act), self._index_mask(sl, keep)
-            self._active_idx[name] = None if bool(amask.all()) else amask.nonzero().flatten()
+            self._active_sel[name] = _sel(amask)
             params[name].requires_grad_(sl.orig_requires_grad and bool(amask.any()))
             if not sl.orig_requires_grad:
                 amask = torch.zeros_like(amask)

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor, nn
 
 from ntkit.errors import ConfigError, check
-from ntkit.sparse._functions import Idx
 from ntkit.sparse.controller import SparseController
 
 __all__ = ["SlicedAdamW"]
@@ -95,10 +94,9 @@ class SlicedAdamW(torch.optim.Optimizer):
     def _update_sliced(self, p: Tensor, name: str, group: dict[str, Any], lr_scale: Tensor | None) -> None:
         sl = self.ctl.slicings[name]
         st = self._init_state(p, (p.shape[sl.dim],))
-        index = self.ctl.active_index(name)
-        if index is not None and index.numel() == 0:
+        idx = self.ctl.active_sel(name)
+        if idx is not None and len(idx) == 0:
             return
-        idx = None if index is None else Idx(index, p.shape[sl.dim])
         steps = st["step"] if idx is None else idx.take(st["step"], 0)
         steps = steps + 1
         if idx is None:

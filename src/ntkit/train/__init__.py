@@ -9,6 +9,9 @@
   all-reduce), identity in a single process.
 * :mod:`ntkit.train.sampler` — :class:`SeededBatchSampler`, a deterministic batch order whose
   position is saved in checkpoints.
+* :mod:`ntkit.train.allocator` — :func:`tune_cpu_allocator`: glibc keeps freed CPU memory for
+  reuse instead of page-faulting every step's multi-MB tensors back in (``ntkit`` commands and
+  the benchmarks call it; ``NTKIT_MALLOC=system`` opts out).
 
 A loop with exact resume::
 
@@ -28,6 +31,7 @@ A loop with exact resume::
 from __future__ import annotations
 
 from ntkit.train import dist
+from ntkit.train.allocator import tune_cpu_allocator
 from ntkit.train.checkpoint import (
     Checkpoint,
     CheckpointManager,
@@ -61,4 +65,5 @@ __all__ = [
     "save_checkpoint",
     "seed_everything",
     "set_rng_state",
+    "tune_cpu_allocator",
 ]
