@@ -377,7 +377,8 @@ def test_ddp_find_unused_parameters(tmp_path) -> None:
 # ------------------------------------------------------------------------------------ index sets
 @pytest.mark.parametrize(
     "index, block",
-    [([2, 3, 4], 1), ([0, 1, 4, 5, 10, 11], 2), ([4, 5, 6, 7, 12, 13, 14, 15], 4), ([1, 3, 4, 9], 1), ([], 1)],
+    [([2, 3, 4], 1), ([0, 1, 4, 5, 10, 11], 2), ([4, 5, 6, 7, 12, 13, 14, 15], 4), ([1, 3, 4, 9], 1), ([], 1),
+     ([0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15], 4), (list(range(16)), 1)],
 )
 @pytest.mark.parametrize("dim", [0, 1, -1])
 def test_idx_take_put_match_index_select(index: list[int], block: int, dim: int) -> None:
@@ -395,6 +396,10 @@ def test_idx_take_put_match_index_select(index: list[int], block: int, dim: int)
     idx.put(out, dim, ref)
     want = torch.zeros(shape).index_copy_(dim, torch.tensor(index, dtype=torch.long), ref)
     assert torch.equal(out, want)
+    # scatter: a fresh tensor with zeros outside the set (written once, no zero fill first)
+    assert torch.equal(idx.scatter(ref, dim, shape), want)
+    rest = idx.complement()
+    assert sorted(rest.index.tolist()) == sorted(set(range(size)) - set(index))
 
 
 def test_layer_with_custom_forward_is_not_sliced() -> None:

@@ -19,6 +19,7 @@ whose groups are all inactive, so a frozen prefix costs no backward at all.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ class Idx:
             self.block = math.gcd(self.size, *torch.cat([starts, stops]).tolist())
         self._blocks = self.index[:: self.block] // self.block if self.block > 1 else self.index
         self._dev: dict[torch.device, Tensor] = {}
+        self._complement: Idx | None = None
 
     def __len__(self) -> int:
         return int(self.index.numel())
@@ -68,6 +70,30 @@ class Idx:
             blocks = t.unflatten(dim, (self.size // self.block, self.block))
             return blocks.index_select(dim, self._on(t.device)).flatten(dim, dim + 1)
         return t.index_select(dim, self._on(t.device))
+
+    def complement(self) -> Idx:
+        """The indices not in this set (cached)."""
+        if self._complement is None:
+            keep = torch.ones(self.size, dtype=torch.bool)
+            keep[self.index] = False
+            self._complement = Idx(keep.nonzero().flatten(), self.size)
+        return self._complement
+
+    def scatter(self, src: Tensor, dim: int, shape: Sequence[int] | torch.Size) -> Tensor:
+        """A new tensor of ``shape`` holding ``src`` at the selected positions along ``dim`` and
+        zeros elsewhere; each element is written once (no zero fill under the copied part)."""
+        out = src.new_empty(shape)
+        self.put(out, dim, src)
+        rest = self.complement()
+        if len(rest):
+            if rest.contiguous:
+                out.narrow(dim, rest.start, rest.stop - rest.start).zero_()
+            elif rest.block > 1:
+                dim = dim % out.dim()
+                out.unflatten(dim, (rest.size // rest.block, rest.block)).index_fill_(dim, rest._on(out.device), 0)
+            else:
+                out.index_fill_(dim, rest._on(out.device), 0)
+        return out
 
     def put(self, out: Tensor, dim: int, src: Tensor) -> Tensor:
         """Write ``src`` into the selected part of ``out`` along ``dim`` (in place); returns ``out``."""
@@ -99,7 +125,7 @@ def _masked_full(t: Tensor, keep: Idx | None, dim: int) -> Tensor:
     """``t`` with the not-kept entries along ``dim`` replaced by zeros (no grad tracking)."""
     if keep is None:
         return t
-    return keep.put(torch.zeros_like(t), dim, keep.take(t, dim))
+    return keep.scatter(keep.take(t, dim), dim, t.shape)
 
 
 def _sum_sel(g: Tensor, sel: Idx | None, dims: tuple[int, ...], like: Tensor) -> Tensor:
@@ -151,7 +177,7 @@ class _LinearFn(torch.autograd.Function):
             elif p.w_dim == 0:
                 gx = keep.take(g, 1) @ keep.take(w, 0) if len(keep) else g.new_zeros(x2.shape)
             else:
-                gx = keep.put(g.new_zeros(x2.shape), 1, g @ keep.take(w, 1))
+                gx = keep.scatter(g @ keep.take(w, 1), 1, x2.shape)
             gx = gx.view(ctx.x_shape)
         g_a = None  # output-gradient columns of the active rows, shared by dW and db
         if ctx.needs_input_grad[1]:
@@ -160,12 +186,12 @@ class _LinearFn(torch.autograd.Function):
                 gw = g.t() @ x2
             elif p.w_dim == 0:
                 g_a = a.take(g, 1)
-                gw = a.put(torch.zeros_like(w), 0, g_a.t() @ x2)
+                gw = a.scatter(g_a.t() @ x2, 0, w.shape)
             else:
-                gw = a.put(torch.zeros_like(w), 1, g.t() @ a.take(x2, 1))
+                gw = a.scatter(g.t() @ a.take(x2, 1), 1, w.shape)
         if ctx.needs_input_grad[2]:
             if g_a is not None and p.b_grad is p.w_grad:
-                gb = p.b_grad.put(g.new_zeros(w.shape[0]), 0, g_a.sum(0))
+                gb = p.b_grad.scatter(g_a.sum(0), 0, w.shape[:1])
             else:
                 gb = _sum_sel(g, p.b_grad, (0,), w.new_empty(w.shape[0]))
         return gx, gw, gb, None
@@ -230,8 +256,9 @@ class _Conv2dFn(torch.autograd.Function):
                 if a is None:
                     gw = cbw(gy, w, [False, True, False])[1]
                 else:
-                    gw = torch.zeros_like(w)
-                    if len(a):
+                    if not len(a):
+                        gw = torch.zeros_like(w)
+                    else:
                         # the bias gradient of the same channels comes from the same call
                         fused_b = ctx.has_bias and ctx.needs_input_grad[2] and p.b_grad is a
                         # the weight's values do not enter its own gradient: a view of the
@@ -240,9 +267,9 @@ class _Conv2dFn(torch.autograd.Function):
                             a.take(gy, 1).contiguous(), x, w.narrow(0, 0, len(a)), [len(a)] if fused_b else None,
                             stride, pad, dil, False, [0, 0], 1, [False, True, fused_b],
                         )
-                        a.put(gw, 0, gw_a)
+                        gw = a.scatter(gw_a, 0, w.shape)
                         if fused_b:
-                            gb = a.put(w.new_zeros(w.shape[0]), 0, gb_a)
+                            gb = a.scatter(gb_a, 0, w.shape[:1])
             if need_x:
                 if keep is None:
                     gx = cbw(gy, w, [True, False, False])[0]
