@@ -370,31 +370,42 @@ class _ConvForm(_LinearForm):
         nl = n * self.length
         unfolded = 2 * nl * nl * self.fan_in
         kh, kw = self.conv.kernel_size
-        ph, pw = (0, 0) if isinstance(self.conv.padding, str) else self.conv.padding
-        padded = (n * (h + 2 * ph) * (w + 2 * pw)) ** 2
-        raw = 2 * (n * h * w) ** 2 * c + kh * kw * nl * nl + padded
-        return (raw, True) if raw < unfolded and padded <= 4 * _BUDGET else (unfolded, False)
+        raw_elems = (n * h * w) ** 2
+        raw = 2 * raw_elems * c + kh * kw * nl * nl
+        return (raw, True) if raw < unfolded and raw_elems <= 4 * _BUDGET else (unfolded, False)
 
     def patch_gram(self) -> Tensor:
-        """K [N·L, N·L] from the raw-activation Gram: K = Σ_{ky,kx} Rpad[i, p_l + k, j, p_m + k]."""
+        """K [N·L, N·L] from the raw-activation Gram R (no unfold, no padded copy):
+        K[i,y,x,j,y',x'] = Σ_{ky,kx} R[i, y·s+ky·d−p, x…, j, y'·s+ky·d−p, x'…] over the taps
+        inside the image (zero padding contributes nothing). R is laid out [h, w, N, h, w, N] so
+        that the shifted adds run over contiguous runs of N, then permuted to sample-major."""
         n, c, h, w = self.x.shape
         conv = self.conv
         (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
         ph, pw = (0, 0) if isinstance(conv.padding, str) else conv.padding
-        xf = self.x.permute(0, 2, 3, 1).reshape(n * h * w, c)
-        r = (xf @ xf.T).view(n, h, w, n, h, w)
-        hp, wp = h + 2 * ph, w + 2 * pw
-        rp = r.new_zeros(n, hp, wp, n, hp, wp)
-        rp[:, ph : ph + h, pw : pw + w, :, ph : ph + h, pw : pw + w] = r
-        ho = (hp - dh * (kh - 1) - 1) // sh + 1
-        wo = (wp - dw * (kw - 1) - 1) // sw + 1
-        k = r.new_zeros(n, ho, wo, n, ho, wo)
+        xf = self.x.permute(2, 3, 0, 1).reshape(h * w * n, c)
+        r = (xf @ xf.T).view(h, w, n, h, w, n)
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        k = r.new_zeros(ho, wo, n, ho, wo, n)
+
+        def taps(k_: int, d: int, s: int, p: int, size: int, out: int) -> tuple[slice, slice] | None:
+            lo = max(0, -(-(p - k_ * d) // s))  # first output position whose input is inside
+            hi = min(out, (size - 1 + p - k_ * d) // s + 1)
+            if lo >= hi:
+                return None
+            start = lo * s + k_ * d - p
+            return slice(lo, hi), slice(start, start + (hi - lo - 1) * s + 1, s)
+
         for ky in range(kh):
-            ys = slice(ky * dh, ky * dh + (ho - 1) * sh + 1, sh)
+            ty = taps(ky, dh, sh, ph, h, ho)
             for kx in range(kw):
-                xs = slice(kx * dw, kx * dw + (wo - 1) * sw + 1, sw)
-                k += rp[:, ys, xs, :, ys, xs]
-        return k.view(n * ho * wo, n * ho * wo)
+                tx = taps(kx, dw, sw, pw, w, wo)
+                if ty is None or tx is None:
+                    continue
+                (oy, iy), (ox, ix) = ty, tx
+                k[oy, ox, :, oy, ox, :] += r[iy, ix, :, iy, ix, :]
+        return k.permute(2, 0, 1, 5, 3, 4).reshape(n * ho * wo, n * ho * wo)
 
     def rows(self, r0: int, r1: int) -> Tensor:
         family = _conv_rows_family(self.length)
