@@ -25,8 +25,10 @@ Methods, measured side by side (interleaved within each repeat, median over repe
   this baseline);
 * ``functorch`` — ``torch.func.vmap(grad)`` per-sample gradients of the covered parameters, then
   the Grams (``modular_ntk(strategy="functorch")``);
-* ``nngeometry`` / ``neural-tangents`` when importable (optional extra ``bench``): reported as
-  skipped otherwise.
+* ``nngeometry`` (optional extra ``bench``) — its hook backend's per-sample Jacobian of the
+  covered layers, then the same slice Grams (VGG; its Linear hooks take no token dimension, so
+  BERT is reported as skipped with the error); ``neural-tangents`` (JAX) needs the models ported
+  to JAX and computes full rather than per-module NTKs: reported as skipped with the reason.
 
 Reported per method: median time, ratio to fwd+bwd, executed FLOPs (``FlopCounterMode``: matmuls,
 convolutions, einsums — elementwise ops are not counted), peak memory, and the max over modules of
@@ -195,14 +197,60 @@ def _importable(module: str) -> bool:
     return True
 
 
-# Third-party baselines: no adapter is wired in yet (neither library is installable offline here),
-# so they are reported as skipped with the reason rather than silently left out.
+def run_nngeometry(c: Case) -> Tensor:
+    """nngeometry's hook backend (``TorchHooksJacobianBackend.get_jacobian``): per-sample
+    gradients [S, P] of the covered layers' parameters for the scalar sum of logits, then the
+    same slice-Gram kernel as the loop. Where its hooks cannot handle a layer (BERT's Linear
+    layers see a token dimension) the error is reported in place of a timing."""
+    from nngeometry.backend import TorchHooksJacobianBackend
+    from nngeometry.layercollection import LayerCollection
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ntkit.ntk._grams import accumulate_slice_grams
+
+    params = dict(c.model.named_parameters())
+    covered = c.partition.covered_params()
+    modules = [m for m, mod in c.model.named_modules() if any(f"{m}.{a}" in covered for a in ("weight", "bias"))]
+    lc = LayerCollection()
+    for m in modules:
+        lc.add_layer_from_model(c.model, c.model.get_submodule(m))
+    mask = None if c.mask is None else c.mask.to(c.inputs.dtype if c.inputs.is_floating_point() else torch.float32)
+
+    def scalar(x: Tensor) -> Tensor:  # [S, 1]: sum of logits (MLM: over the vocabulary at the masked positions)
+        out = c.model(x)
+        return (out.sum(-1) * mask).sum(1, keepdim=True) if mask is not None else out.sum(1, keepdim=True)
+
+    backend = TorchHooksJacobianBackend(model=c.model, function=scalar, layer_collection=lc)
+    s = c.inputs.shape[0]
+    try:
+        jac = backend.get_jacobian(DataLoader(TensorDataset(c.inputs), batch_size=s))[0]  # [S, P]
+    finally:  # nngeometry leaves its hooks registered when a layer raises
+        for h in backend.handles:
+            h.remove()
+    grams = torch.zeros(len(c.partition), s, s, dtype=jac.dtype)
+    slices = c.partition.param_slices()
+    for m in modules:
+        pos = lc.p_pos[m]
+        for attr in ("weight", "bias"):
+            name = f"{m}.{attr}"
+            if name not in params or params[name] is None:
+                continue
+            numel = params[name].numel()
+            if name in slices:
+                g = jac[:, pos : pos + numel].view(s, *params[name].shape)
+                accumulate_slice_grams(g, [(gi, sl.dim, sl.start, sl.stop) for gi, sl in slices[name]], grams)
+            pos += numel
+    return grams
+
+
+# neural-tangents needs the model rewritten in JAX (stax / flax): no adapter, reported as skipped.
 SKIP_REASON = {
-    "nngeometry": "adapter not implemented" if _importable("nngeometry") else "not importable (pip install ntkit[bench])",
-    "neural-tangents": "adapter not implemented"
+    "neural-tangents": "no JAX port of these models (neural-tangents computes full, not per-module, NTKs)"
     if _importable("neural_tangents")
     else "not importable (JAX neural-tangents)",
 }
+if not _importable("nngeometry"):
+    SKIP_REASON["nngeometry"] = "not importable (pip install ntkit[bench])"
 
 
 RUNNERS: dict[str, Callable[[Case], Any] | None] = {
@@ -212,7 +260,7 @@ RUNNERS: dict[str, Callable[[Case], Any] | None] = {
     "loop": run_loop,
     "loop-frozen": lambda c: run_loop(c, frozen=True),
     "functorch": run_functorch,
-    "nngeometry": None,
+    "nngeometry": run_nngeometry if _importable("nngeometry") else None,
     "neural-tangents": None,
 }
 
@@ -237,9 +285,14 @@ def _conv_backward_flop(*args: Any, **kwargs: Any) -> int:
     return total
 
 
-def _flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}) as fc:
-        fn()
+def _flops(fn: Callable[[], object]) -> int | None:
+    """Executed FLOPs, or None where FlopCounterMode's module hooks break the method (nngeometry
+    differentiates w.r.t. its input leaf, which the counter's backward hooks do not support)."""
+    try:
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop}) as fc:
+            fn()
+    except RuntimeError:
+        return None
     return int(fc.get_total_flops())
 
 
@@ -299,10 +352,18 @@ def bench_case(
     avail = [m for m in methods if RUNNERS.get(m) is not None and not (m == "engine-full-logits" and c.mask is None)]
     skipped = [m for m in methods if RUNNERS.get(m) is None]
     grams: dict[str, Tensor] = {}
+    failed: dict[str, str] = {}
     for m in avail:  # warm-up (allocator, oneDNN primitive caches) and results for the errors
-        out = RUNNERS[m](c)  # type: ignore[misc]
+        try:
+            out = RUNNERS[m](c)  # type: ignore[misc]
+        except Exception as e:  # a third-party baseline that cannot run this model: say why
+            if m in ("fwd+bwd", "engine", "engine-full-logits", "loop", "loop-frozen", "functorch"):
+                raise
+            failed[m] = f"cannot run this model: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+            continue
         if isinstance(out, Tensor):
             grams[m] = out
+    avail = [m for m in avail if m not in failed]
     times: dict[str, list[float]] = {m: [] for m in avail}
     for r in range(repeats):
         order = avail if r % 2 == 0 else list(reversed(avail))
@@ -325,6 +386,8 @@ def bench_case(
         }
     for m in skipped:
         rows[m] = {"skipped": SKIP_REASON.get(m, "unknown")}
+    for m, why in failed.items():
+        rows[m] = {"skipped": why}
     info = {
         "S": int(c.inputs.shape[0]),
         "T": int(c.inputs.shape[1]) if c.inputs.dim() == 2 else None,
@@ -342,9 +405,10 @@ def _table(results: dict[str, Any]) -> str:
                 lines.append(f"{name:<10} {m:<16} skipped: {row['skipped']}")
                 continue
             mem = "-" if row["peak_mem_mib"] is None else f"{row['peak_mem_mib']:.0f}"
+            fl = "-" if row["flops"] is None else f"{row['flops'] / 1e9:.2f}"
             err = "-" if row["max_rel_err_vs_loop"] is None else f"{row['max_rel_err_vs_loop']:.1e}"
             lines.append(
-                f"{name:<10} {m:<16} {row['time_s']:9.3f} {row['over_fwdbwd']:7.2f} {row['flops'] / 1e9:9.2f} {mem:>9} {err:>9}"
+                f"{name:<10} {m:<16} {row['time_s']:9.3f} {row['over_fwdbwd']:7.2f} {fl:>9} {mem:>9} {err:>9}"
             )
     return "\n".join(lines)
 
