@@ -66,6 +66,8 @@ from ntkit.train.allocator import tune_cpu_allocator
 __all__ = ["main"]
 
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+# Same hyper-parameters for the plain torch AdamW and SlicedAdamW (their weight_decay defaults differ).
+OPT = {"lr": 1e-4, "weight_decay": 0.01}
 _CLOCK: Callable[[], float] = time.perf_counter
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "partial_backward.json"
 
@@ -211,7 +213,7 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
     base = build().train()
     batch = make_batch()
     steps: dict[str, Callable[[], None]] = {
-        "full": _step_fn(base, torch.optim.AdamW(base.parameters(), lr=1e-4), batch, task)
+        "full": _step_fn(base, torch.optim.AdamW(base.parameters(), **OPT), batch, task)
     }
     models: dict[str, nn.Module] = {"full": base}
     for frac in FRACTIONS:
@@ -220,7 +222,7 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
         ctl = attach(m, part)
         ctl.set_active(_active_fraction(part, frac))
         key = f"{int(frac * 100)}%"
-        steps[key] = _step_fn(m, SlicedAdamW(m, ctl, lr=1e-4), batch, task)
+        steps[key] = _step_fn(m, SlicedAdamW(m, ctl, **OPT), batch, task)
         models[key] = m
 
     def timed(fn: Callable[[], None]) -> Callable[[], float]:

@@ -97,12 +97,14 @@ class SlicedAdamW(torch.optim.Optimizer):
         idx = self.ctl.active_sel(name)
         if idx is not None and len(idx) == 0:
             return
-        steps = st["step"] if idx is None else idx.take(st["step"], 0)
-        steps = steps + 1
-        if idx is None:
-            st["step"].copy_(steps)
-        else:
-            idx.put(st["step"], 0, steps)
+        # per-index step counts live in a CPU float32 tensor: count on its numpy view (no kernel
+        # launches, no device syncs) and hand Adam a Python int when the active counts agree
+        if st["step"].device.type != "cpu" or st["step"].dtype != torch.float32:  # e.g. loaded with map_location
+            st["step"] = st["step"].to("cpu", torch.float32)
+        counts = st["step"].numpy()
+        rows = slice(None) if idx is None else idx.index.numpy()
+        counts[rows] += 1
+        steps = counts[rows]
         shape = [1] * p.dim()
         shape[sl.dim] = -1
         if lr_scale is not None:
@@ -111,17 +113,15 @@ class SlicedAdamW(torch.optim.Optimizer):
             lr: float | Tensor = (group["lr"] * scale).view(shape)
         else:
             lr = group["lr"]
-        if bool((steps == steps[0]).all()):
-            step: int | Tensor = int(steps[0].item())
+        if steps.min() == steps.max():
+            step: int | Tensor = int(steps[0])
         else:
-            step = steps.double().view(shape)
-        if idx is None:
-            _adamw(p, p.grad, st["exp_avg"], st["exp_avg_sq"], group, step, lr)
-            return
+            step = torch.from_numpy(steps).to(device=p.device, dtype=torch.float64).view(shape)
         d = sl.dim
-        parts = [idx.take(t, d) for t in (p, p.grad, st["exp_avg"], st["exp_avg_sq"])]
+        tensors = (p, p.grad, st["exp_avg"], st["exp_avg_sq"])
+        parts = tensors if idx is None else tuple(idx.take(t, d) for t in tensors)
         _adamw(*parts, group=group, step=step, lr=lr)
-        if not idx.contiguous:  # index_select made copies: write the updated parts back
+        if idx is not None and not idx.contiguous:  # index_select made copies: write them back
             for dst, src in ((p, parts[0]), (st["exp_avg"], parts[2]), (st["exp_avg_sq"], parts[3])):
                 idx.put(dst, d, src)
 
