@@ -7,7 +7,11 @@ Models (eval mode, random inputs, torch threads = all cores):
 * ``vgg16`` (CIFAR 32×32, BN), S = 64, ``conv_filters`` partition (4224 modules: conv weight +
   bias + BN affine per filter).
 
-Methods, measured side by side (interleaved within each repeat, median over repeats):
+Methods, measured side by side in one run. Each method runs in its own fresh process (so none
+inherits the heap, caches or page state of the multi-GB baselines: on this VM they slowed
+whatever ran next by up to 30%), in method order and again in reverse order (linear drift
+cancels); the median over both passes' timed runs is reported. ``--interleaved`` (the default
+with ``--quick``) instead interleaves all methods in one process:
 
 * ``fwd+bwd`` — one plain forward + backward of Σ per-sample scalars (all parameters trainable;
   for MLM the head only at the masked positions, as in training): the baseline every ratio
@@ -33,10 +37,10 @@ Methods, measured side by side (interleaved within each repeat, median over repe
 Reported per method: median time, ratio to fwd+bwd, executed FLOPs (``FlopCounterMode``: matmuls,
 convolutions, einsums — elementwise ops are not counted), peak memory, and the max over modules of
 the relative Frobenius error of the Grams against the loop. Peak memory is the increase of the
-process's ``ru_maxrss`` (resident high-water mark) over its value after building the model and
-inputs, each method run once in a fresh subprocess: on Linux the peak resident set (VmHWM)
-after resetting it through ``/proc/self/clear_refs``, else ``ru_maxrss`` (which a child inherits
-from its parent across fork+exec, so it under-reports there). ``tracemalloc`` does not see
+process's resident high-water mark over its value after building the model and inputs, during
+the method's first run in its fresh process: on Linux the peak resident set (VmHWM) after
+resetting it through ``/proc/self/clear_refs``, else ``ru_maxrss`` (which a child inherits from
+its parent across fork+exec, so it under-reports there). ``tracemalloc`` does not see
 torch's allocator; on CUDA it would be ``torch.cuda.max_memory_allocated``.
 
 Floor (see ``ntkit.ntk.engine``): the engine runs the forward, the *input*-gradient half of the
@@ -67,6 +71,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -325,17 +330,45 @@ def _reset_peak() -> tuple[float, bool]:
     return _maxrss_mb(), False
 
 
-def _child_memory(name: str, method: str, quick: bool, s: int | None, t: int | None) -> float | None:
-    """Peak-RSS increase (MiB) of one run of ``method`` in a fresh subprocess."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_mem-child", name, method]
-    cmd += ["--quick"] if quick else []
-    cmd += ["--S", str(s)] if s else []
-    cmd += ["--T", str(t)] if t else []
+BASELINES = ("fwd+bwd", "engine", "engine-full-logits", "loop", "loop-frozen", "functorch")
+
+
+def _measure(c: Case, method: str, repeats: int, memory: bool) -> dict[str, Any]:
+    """One method on one case: warm-up run (its peak memory, its Grams), ``repeats`` timed runs,
+    one FLOP-counted run. A third-party baseline that raises is reported with its error."""
+    res: dict[str, Any] = {"error": None, "peak_mem_mib": None, "grams": None}
+    before, reset = _reset_peak() if memory else (0.0, False)
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
-        return float(out.stdout.strip().splitlines()[-1])
-    except (subprocess.SubprocessError, ValueError, IndexError):
-        return None
+        out = RUNNERS[method](c)  # type: ignore[misc]
+    except Exception as e:
+        if method in BASELINES:
+            raise
+        res["error"] = f"cannot run this model: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
+        return res
+    if memory:
+        peak = _proc_status_mb("VmHWM") if reset else _maxrss_mb()
+        res["peak_mem_mib"] = max(0.0, (peak or 0.0) - before)
+    res["grams"] = out if isinstance(out, Tensor) else None
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        RUNNERS[method](c)  # type: ignore[misc]
+        times.append(time.perf_counter() - t0)
+    res["times_s"] = times
+    res["flops"] = _flops(lambda: RUNNERS[method](c))  # type: ignore[misc]
+    return res
+
+
+def _isolated(name: str, method: str, repeats: int, quick: bool, s: int | None, t: int | None) -> dict[str, Any]:
+    """:func:`_measure` in a fresh process (clean heap, caches and peak-RSS counter)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "res.pt"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", name, method, str(repeats), str(out)]
+        cmd += ["--quick"] if quick else []
+        cmd += ["--S", str(s)] if s else []
+        cmd += ["--T", str(t)] if t else []
+        subprocess.run(cmd, check=True, timeout=3600, stdout=subprocess.DEVNULL)
+        return torch.load(out, weights_only=False)
 
 
 def _max_rel_err(a: Tensor, ref: Tensor) -> float:
@@ -346,53 +379,63 @@ def _max_rel_err(a: Tensor, ref: Tensor) -> float:
 
 
 def bench_case(
-    name: str, methods: Sequence[str], repeats: int, quick: bool, s: int | None, t: int | None, memory: bool
+    name: str, methods: Sequence[str], repeats: int, quick: bool, s: int | None, t: int | None, isolate: bool
 ) -> dict[str, Any]:
+    """Every method on one case. ``isolate``: each method in its own process, the sweep run
+    twice (method order, then reversed; ⌈repeats/2⌉ timed runs per process), so no method runs
+    on the heap, caches or page state another left behind (the multi-GB baselines slow down
+    whatever follows them by up to 30% on this VM) and drift cancels to first order. Otherwise
+    all methods run interleaved in this process (quick smoke tests; no peak memory)."""
     c = build_case(name, quick, s, t)
     avail = [m for m in methods if RUNNERS.get(m) is not None and not (m == "engine-full-logits" and c.mask is None)]
     skipped = [m for m in methods if RUNNERS.get(m) is None]
-    grams: dict[str, Tensor] = {}
-    failed: dict[str, str] = {}
-    for m in avail:  # warm-up (allocator, oneDNN primitive caches) and results for the errors
-        try:
-            out = RUNNERS[m](c)  # type: ignore[misc]
-        except Exception as e:  # a third-party baseline that cannot run this model: say why
-            if m in ("fwd+bwd", "engine", "engine-full-logits", "loop", "loop-frozen", "functorch"):
-                raise
-            failed[m] = f"cannot run this model: {type(e).__name__}: {' '.join(str(e).split())[:160]}"
-            continue
-        if isinstance(out, Tensor):
-            grams[m] = out
-    avail = [m for m in avail if m not in failed]
-    times: dict[str, list[float]] = {m: [] for m in avail}
-    for r in range(repeats):
-        order = avail if r % 2 == 0 else list(reversed(avail))
-        for m in order:
-            t0 = time.perf_counter()
-            RUNNERS[m](c)  # type: ignore[misc]
-            times[m].append(time.perf_counter() - t0)
-    base = statistics.median(times["fwd+bwd"]) if "fwd+bwd" in times else float("nan")
-    ref = grams.get("loop")
+    res: dict[str, dict[str, Any]] = {}
+    if isolate:
+        per = max(1, -(-repeats // 2))
+        for order in (avail, list(reversed(avail))):
+            for m in order:
+                if m in res and res[m]["error"]:
+                    continue
+                r = _isolated(name, m, per, quick, s, t)
+                if m in res:
+                    res[m]["times_s"] += r["times_s"]
+                else:
+                    res[m] = r
+    else:
+        res = {m: _measure(c, m, 0, memory=False) for m in avail}  # warm-up, Grams, FLOPs
+        for m in avail:
+            res[m]["times_s"] = []
+        ok = [m for m in avail if not res[m]["error"]]
+        for r in range(repeats):
+            for m in ok if r % 2 == 0 else list(reversed(ok)):
+                t0 = time.perf_counter()
+                RUNNERS[m](c)  # type: ignore[misc]
+                res[m]["times_s"].append(time.perf_counter() - t0)
+    base = statistics.median(res["fwd+bwd"]["times_s"]) if "fwd+bwd" in res else float("nan")
+    ref = res.get("loop", {}).get("grams")
     rows: dict[str, Any] = {}
     for m in avail:
-        med = statistics.median(times[m])
+        r = res[m]
+        if r["error"]:
+            rows[m] = {"skipped": r["error"]}
+            continue
+        med = statistics.median(r["times_s"])
         rows[m] = {
             "time_s": med,
-            "times_s": times[m],
+            "times_s": r["times_s"],
             "over_fwdbwd": med / base,
-            "flops": _flops(lambda m=m: RUNNERS[m](c)),  # type: ignore[misc]
-            "peak_mem_mib": _child_memory(name, m, quick, s, t) if memory else None,
-            "max_rel_err_vs_loop": _max_rel_err(grams[m], ref) if m in grams and ref is not None else None,
+            "flops": r["flops"],
+            "peak_mem_mib": r["peak_mem_mib"],
+            "max_rel_err_vs_loop": _max_rel_err(r["grams"], ref) if r["grams"] is not None and ref is not None else None,
         }
     for m in skipped:
         rows[m] = {"skipped": SKIP_REASON.get(m, "unknown")}
-    for m, why in failed.items():
-        rows[m] = {"skipped": why}
     info = {
         "S": int(c.inputs.shape[0]),
         "T": int(c.inputs.shape[1]) if c.inputs.dim() == 2 else None,
         "modules": len(c.partition),
         "covered_params": int(sum(g.numel(dict(c.model.named_parameters())) for g in c.partition)),
+        "isolated": isolate,
     }
     return {"case": info, "methods": rows}
 
@@ -423,25 +466,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--S", type=int, default=None, help="samples (default 64; quick 8)")
     ap.add_argument("--T", type=int, default=None, help="BERT tokens per sample (default 128; quick 32)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    ap.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory subprocesses")
+    ap.add_argument("--interleaved", action="store_true",
+                    help="all methods interleaved in one process, no peak memory (default with --quick); "
+                         "otherwise each method runs in its own process")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--_mem-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     malloc = "glibc, freed memory kept for reuse" if tune_cpu_allocator() else "system default"
-    if args._mem_child:
-        name, method = args._mem_child
-        c = build_case(name, args.quick, args.S, args.T)
-        before, reset = _reset_peak()
-        RUNNERS[method](c)  # type: ignore[misc]
-        peak = _proc_status_mb("VmHWM") if reset else _maxrss_mb()
-        print(max(0.0, (peak or 0.0) - before))
+    if args._child:
+        name, method, reps, path = args._child
+        torch.save(_measure(build_case(name, args.quick, args.S, args.T), method, int(reps), memory=True), path)
         return {}
     if "fwd+bwd" not in args.methods:
         args.methods = ["fwd+bwd", *args.methods]
     repeats = args.repeats or (1 if args.quick else 5)
     results = {
-        name: bench_case(name, args.methods, repeats, args.quick, args.S, args.T, not args.no_memory)
+        name: bench_case(name, args.methods, repeats, args.quick, args.S, args.T, not (args.interleaved or args.quick))
         for name in args.models
     }
     print(_table(results))
