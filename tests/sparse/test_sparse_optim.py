@@ -157,6 +157,47 @@ def test_state_dict_round_trip_is_exact() -> None:
         assert torch.equal(p, q), name
 
 
+class _Uncached(SlicedAdamW):
+    """Reference: the gathered moments are written back and dropped after every step."""
+
+    def step(self, closure=None, lr_scale=None):  # type: ignore[override]
+        out = super().step(closure, lr_scale)
+        self.flush()
+        self._compact.clear()
+        return out
+
+
+def test_gathered_moments_equal_writing_back_every_step() -> None:
+    """Active sets held for a few steps, changed, repeated, emptied: the same numbers (bitwise)
+    as re-gathering the moments from ``state`` at every step, in parameters and state_dict."""
+    m, part, x = _setup()
+    m2 = copy.deepcopy(m)
+    ctl, ctl2 = attach(m, part), attach(m2, copy.deepcopy(part))
+    opt, ref = SlicedAdamW(m, ctl, **HP), _Uncached(m2, ctl2, **HP)
+    sets = [torch.tensor(a) for a in ([1, 0, 0, 1, 1, 0], [0, 1, 1, 0, 0, 1], [1, 0, 1, 0, 1, 1], [0] * 6)]
+    sets = [a.bool() for a in sets]  # one head of two: scattered (blocked) qkv rows
+    cached = 0
+    for step, k in enumerate([0, 0, 0, 1, 1, 3, 0, 2, 2]):
+        if step == 0 or k != [0, 0, 0, 1, 1, 3, 0, 2, 2][step - 1]:
+            ctl.set_active(sets[k])
+            ctl2.set_active(sets[k])
+        for model, o in ((m, opt), (m2, ref)):
+            o.zero_grad(set_to_none=True)
+            if bool(sets[k].any()):
+                _backward(model, x, step)
+            o.step()
+        cached += len(opt._compact)
+        if step == 4:  # a checkpoint mid-way flushes without disturbing the next steps
+            opt.state_dict()
+    assert cached > 0  # the gathered-moments path ran
+    for (name, p), (_, q) in zip(m.named_parameters(), m2.named_parameters()):
+        assert torch.equal(p, q), name
+    sd, sd2 = opt.state_dict()["state"], ref.state_dict()["state"]
+    for i in sd:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sd[i][key], sd2[i][key]), (i, key)
+
+
 def test_bad_hyperparameters() -> None:
     m, part, _ = _setup()
     ctl = attach(m, part)

@@ -27,6 +27,13 @@ class SlicedAdamW(torch.optim.Optimizer):
     Set the active groups before the forward pass and do not change them between backward and
     :meth:`step`. ``lr`` lives in ``param_groups[0]["lr"]``, so torch LR schedulers work.
 
+    While an active set stays the same, the Adam moments of its scattered rows are kept gathered
+    (compact copies: each step then gathers only the parameter and gradient rows and writes back
+    only the parameter rows, 3 row copies instead of 7). They are written back into
+    ``state[p]["exp_avg"]`` / ``["exp_avg_sq"]`` when the active set changes and by
+    :meth:`state_dict` / :meth:`flush`, so checkpoints are always exact; read ``state`` directly
+    only after :meth:`flush`.
+
     Args:
         model: the model ``ctl`` is attached to; all its parameters are optimised.
         ctl: the :class:`~ntkit.sparse.SparseController`.
@@ -51,6 +58,25 @@ class SlicedAdamW(torch.optim.Optimizer):
         self._name_of = {id(p): n for n, p in named}
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__([p for _, p in named], defaults)
+        # id(param) → (Idx, exp_avg rows, exp_avg_sq rows) gathered for the current active set
+        self._compact: dict[int, tuple[Any, Tensor, Tensor]] = {}
+
+    def flush(self) -> None:
+        """Write the gathered moments back into ``state`` (they stay valid for the next step)."""
+        by_id = {id(p): p for g in self.param_groups for p in g["params"]}
+        for pid, (idx, m, v) in self._compact.items():
+            p = by_id[pid]
+            d = self.ctl.slicings[self._name_of[pid]].dim
+            idx.put(self.state[p]["exp_avg"], d, m)
+            idx.put(self.state[p]["exp_avg_sq"], d, v)
+
+    def state_dict(self) -> dict[str, Any]:
+        self.flush()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._compact.clear()  # the loaded moments replace the gathered ones
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure: Any = None, lr_scale: Tensor | None = None) -> Any:  # type: ignore[override]
@@ -118,12 +144,25 @@ class SlicedAdamW(torch.optim.Optimizer):
         else:
             step = torch.from_numpy(steps).to(device=p.device, dtype=torch.float64).view(shape)
         d = sl.dim
-        tensors = (p, p.grad, st["exp_avg"], st["exp_avg_sq"])
-        parts = tensors if idx is None else tuple(idx.take(t, d) for t in tensors)
-        _adamw(*parts, group=group, step=step, lr=lr)
-        if idx is not None and not idx.contiguous:  # index_select made copies: write them back
-            for dst, src in ((p, parts[0]), (st["exp_avg"], parts[2]), (st["exp_avg_sq"], parts[3])):
-                idx.put(dst, d, src)
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        cached = self._compact.pop(id(p), None)
+        if cached is not None:
+            old, m_rows, v_rows = cached
+            if old is idx:  # same active set: the moments' rows are already gathered
+                m, v = m_rows, v_rows
+            else:  # the set changed: write the old rows back first
+                old.put(m, d, m_rows)
+                old.put(v, d, v_rows)
+        if idx is None or idx.contiguous:  # views: updated in place
+            parts = [p, p.grad, m, v] if idx is None else [idx.take(t, d) for t in (p, p.grad, m, v)]
+            _adamw(*parts, group=group, step=step, lr=lr)
+            return
+        if m is st["exp_avg"]:
+            m, v = idx.take(m, d), idx.take(v, d)
+        w = idx.take(p, d)
+        _adamw(w, idx.take(p.grad, d), m, v, group=group, step=step, lr=lr)
+        idx.put(p, d, w)
+        self._compact[id(p)] = (idx, m, v)
 
 
 def _adamw(
