@@ -24,13 +24,13 @@ So the floor of the engine is ≈ (6·N·L·I·O + 2·N²·P) per layer against 
 forward+backward: 1 + N/(3·L) when materialising, less with the contraction — and layers the
 partition does not cover skip their weight gradients entirely, so the engine can undercut a
 plain forward+backward. Measured (``bench/ntk_engine.py``, CPU, 2 threads, S = 64; FLOPs from
-``FlopCounterMode``): BERT-mini heads, T = 128, MLM head at the 15% masked positions only
-(packed outputs): 132 GFLOP against 171 for fwd+bwd (also packed), 0.83× its time (the forward
-and the input-gradient backward are ≈ 85% of the engine's time; with logits at all T positions,
-as torch.func needs them, 191 GFLOP, a third of them in the 8000-word decoder); VGG-16 filters (P = 14.7 M, every conv / BN
-parameter): 111 against 120 GFLOP but 2.0–2.3× the time, the per-sample gradients of the 8×8
-layers (GEMMs with inner dimension L = 64) and memory-bound Gram updates being slower per FLOP
-than oneDNN convolutions.
+``FlopCounterMode``; docs/benchmarks.md): BERT-mini heads, T = 128, MLM head at the 15% masked
+positions only (packed outputs): 132 GFLOP against 171 for fwd+bwd (also packed), 0.85× its
+time (the forward and the input-gradient backward are ≈ 85% of the engine's time; with logits at
+all T positions, as torch.func needs them, 191 GFLOP, a third of them in the 8000-word decoder);
+VGG-16 filters (P = 14.7 M, every conv / BN parameter): 111 against 120 GFLOP but 1.87× the
+time, the per-sample gradients of the 8×8 layers (GEMMs with inner dimension L = 64) and the
+memory-bound Gram updates being slower per FLOP than oneDNN convolutions.
 
 The S-pass loop costs S forward+backward passes of batch 1 (≈ the FLOPs of one batched pass, at
 batch-1 efficiency) plus S reads of the full gradients; ``vmap(grad)`` pays per-sample full
@@ -104,11 +104,13 @@ class Strategy(str, Enum):
       forward hooks keep layer inputs, tensor hooks take output gradients, and each layer's
       slice Grams are reduced inside the hook (per layer the cheaper of materialised per-sample
       gradients and the token-Gram contraction). Fastest whenever every covered parameter sits
-      in a supported layer: ≈ 1.2× a plain forward+backward on Transformers and CNNs.
+      in a supported layer: 0.85× (BERT-mini heads) to 1.9× (VGG-16 filters) a plain
+      forward+backward.
     * ``FUNCTORCH`` — ``torch.func.vmap(grad)`` per-sample gradients of the covered parameters
       (``vjp`` over one-hot cotangents when the model has data-dependent control flow such as
       MoE routing). Generic: any differentiable module; costs S·P memory for P covered
-      parameters and runs ≈ 1.5–15× a forward+backward. Used for the layers hooks cannot see.
+      parameters and runs ≈ 1.3× (BERT-mini) to 17× (VGG-16) a forward+backward. Used for the
+      layers hooks cannot see.
     * ``BRUTE_FORCE`` — explicit per-sample Jacobian: one batch-1 forward per sample and one
       backward per output. The reference the others are tested against; slow.
     * ``AUTO`` — hooks for every supported layer, functorch for the rest (reported in
