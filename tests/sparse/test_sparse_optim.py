@@ -198,6 +198,42 @@ def test_gathered_moments_equal_writing_back_every_step() -> None:
             assert torch.equal(sd[i][key], sd2[i][key]), (i, key)
 
 
+def test_gradient_rows_handed_over_by_the_backward_equal_a_gather() -> None:
+    """The active gradient rows the backward leaves for SlicedAdamW give bitwise the same step as
+    gathering them from ``.grad``; an in-place edit of ``.grad`` between backward and step (as
+    gradient clipping does) makes the optimizer gather the edited values instead."""
+    m, part, x = _setup()
+    m2 = copy.deepcopy(m)
+    ctl, ctl2 = attach(m, part), attach(m2, copy.deepcopy(part))
+    active = torch.tensor([1, 0, 0, 1, 1, 0]).bool()  # one head of two per layer: scattered rows
+    ctl.set_active(active)
+    ctl2.set_active(active)
+    opt, ref = SlicedAdamW(m, ctl, **HP), SlicedAdamW(m2, ctl2, **HP)
+    ctl2.keep_grad_rows = False
+    handed: dict[int, list[bool]] = {}
+    take = ctl.take_grad_rows
+
+    def spy(name: str, grad: Tensor) -> Tensor | None:
+        rows = take(name, grad)
+        handed.setdefault(step, []).append(rows is not None)
+        return rows
+
+    ctl.take_grad_rows = spy  # type: ignore[method-assign]
+    for step in range(3):
+        for model, o in ((m, opt), (m2, ref)):
+            o.zero_grad(set_to_none=True)
+            _backward(model, x, step)
+            if step == 1:
+                for q in model.parameters():
+                    if q.grad is not None:
+                        q.grad.mul_(0.5)
+            o.step()
+    assert any(handed[0]) and any(handed[2])  # rows handed over on unedited steps
+    assert not any(handed[1])  # the edited step gathered from .grad
+    for (name, p), (_, q) in zip(m.named_parameters(), m2.named_parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_bad_hyperparameters() -> None:
     m, part, _ = _setup()
     ctl = attach(m, part)

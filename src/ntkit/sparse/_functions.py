@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,18 @@ class LayerPlan:
     w_grad: Idx | None
     b_keep: Idx | None
     b_grad: Idx | None
+    # When True, the backward leaves the compact rows of each sliced gradient in ``rows``
+    # (attr → (storage pointer, version, rows)) for SlicedAdamW, which would otherwise gather
+    # them again from the full ``.grad`` it just scattered them into.
+    keep_rows: bool = False
+    rows: dict[str, tuple[int, int, Tensor]] = field(default_factory=dict)
+
+    def scattered(self, attr: str, sel: Idx, src: Tensor, dim: int, shape: Sequence[int] | torch.Size) -> Tensor:
+        """``sel.scatter(src, dim, shape)``; with :attr:`keep_rows` also remembers ``src``."""
+        out = sel.scatter(src, dim, shape)
+        if self.keep_rows:
+            self.rows[attr] = (out.untyped_storage().data_ptr(), out._version, src)
+        return out
 
 
 def _masked_full(t: Tensor, keep: Idx | None, dim: int) -> Tensor:
@@ -186,12 +198,12 @@ class _LinearFn(torch.autograd.Function):
                 gw = g.t() @ x2
             elif p.w_dim == 0:
                 g_a = a.take(g, 1)
-                gw = a.scatter(g_a.t() @ x2, 0, w.shape)
+                gw = p.scattered("weight", a, g_a.t() @ x2, 0, w.shape)
             else:
-                gw = a.scatter(g.t() @ a.take(x2, 1), 1, w.shape)
+                gw = p.scattered("weight", a, g.t() @ a.take(x2, 1), 1, w.shape)
         if ctx.needs_input_grad[2]:
             if g_a is not None and p.b_grad is p.w_grad:
-                gb = p.b_grad.scatter(g_a.sum(0), 0, w.shape[:1])
+                gb = p.scattered("bias", p.b_grad, g_a.sum(0), 0, w.shape[:1])
             else:
                 gb = _sum_sel(g, p.b_grad, (0,), w.new_empty(w.shape[0]))
         return gx, gw, gb, None
@@ -267,9 +279,9 @@ class _Conv2dFn(torch.autograd.Function):
                             a.take(gy, 1).contiguous(), x, w.narrow(0, 0, len(a)), [len(a)] if fused_b else None,
                             stride, pad, dil, False, [0, 0], 1, [False, True, fused_b],
                         )
-                        gw = a.scatter(gw_a, 0, w.shape)
+                        gw = p.scattered("weight", a, gw_a, 0, w.shape)
                         if fused_b:
-                            gb = a.scatter(gb_a, 0, w.shape[:1])
+                            gb = p.scattered("bias", a, gb_a, 0, w.shape[:1])
             if need_x:
                 if keep is None:
                     gx = cbw(gy, w, [True, False, False])[0]

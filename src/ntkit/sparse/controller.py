@@ -94,6 +94,7 @@ class SparseController:
         self.model = model
         self.partition = partition
         self._attached = True
+        self._keep_grad_rows = False
         m = len(partition)
         self._requested = torch.ones(m, dtype=torch.bool)
         self._pruned = torch.zeros(m, dtype=torch.bool)
@@ -210,6 +211,36 @@ class SparseController:
         :meth:`set_active`, not per optimizer step)."""
         return self._active_sel[name]
 
+    @property
+    def keep_grad_rows(self) -> bool:
+        """Whether the backward leaves the compact active rows of sliced gradients for
+        :meth:`take_grad_rows` (set by :class:`~ntkit.sparse.SlicedAdamW`)."""
+        return self._keep_grad_rows
+
+    @keep_grad_rows.setter
+    def keep_grad_rows(self, value: bool) -> None:
+        self._keep_grad_rows = bool(value)
+        for module, _ in self._modules.values():
+            plan = getattr(module, "_ntk_plan", None)
+            if plan is not None:
+                plan.keep_rows = self._keep_grad_rows
+                plan.rows.clear()
+
+    def take_grad_rows(self, name: str, grad: Tensor) -> Tensor | None:
+        """The active rows of ``grad`` (covered param ``name``) as the last backward computed them
+        before scattering them into ``grad``, or None when ``grad`` is no longer that tensor
+        unchanged (accumulated, modified in place, cloned, or the active set changed). Each
+        stored set of rows is handed out once."""
+        sl = self.slicings[name]
+        plan = getattr(self._modules[sl.module][0], "_ntk_plan", None)
+        entry = None if plan is None else plan.rows.pop(sl.attr, None)
+        if entry is None:
+            return None
+        ptr, version, rows = entry
+        if ptr != grad.untyped_storage().data_ptr() or version != grad._version:
+            return None
+        return rows
+
     def grad_masks(self) -> dict[str, Tensor]:
         """``{param_name: bool mask shaped like the param}``: True where the element received a real
         gradient in the last backward (False everywhere for params whose ``.grad`` is None)."""
@@ -309,7 +340,8 @@ class SparseController:
                 b_keep = w_keep if torch.equal(w[2], b[2]) else b_keep
                 b_grad = w_grad if torch.equal(w[1], b[1]) else b_grad
             module._ntk_plan = LayerPlan(  # type: ignore[attr-defined]
-                w_dim=w[0].dim if w else None, w_keep=w_keep, w_grad=w_grad, b_keep=b_keep, b_grad=b_grad
+                w_dim=w[0].dim if w else None, w_keep=w_keep, w_grad=w_grad, b_keep=b_keep, b_grad=b_grad,
+                keep_rows=self._keep_grad_rows,
             )
 
 

@@ -60,6 +60,7 @@ class SlicedAdamW(torch.optim.Optimizer):
         super().__init__([p for _, p in named], defaults)
         # id(param) → (Idx, exp_avg rows, exp_avg_sq rows) gathered for the current active set
         self._compact: dict[int, tuple[Any, Tensor, Tensor]] = {}
+        ctl.keep_grad_rows = True  # the backward hands over the active gradient rows it computed
 
     def flush(self) -> None:
         """Write the gathered moments back into ``state`` (they stay valid for the next step)."""
@@ -144,6 +145,7 @@ class SlicedAdamW(torch.optim.Optimizer):
         else:
             step = torch.from_numpy(steps).to(device=p.device, dtype=torch.float64).view(shape)
         d = sl.dim
+        g_rows = self.ctl.take_grad_rows(name, p.grad)  # (handed out once: taken on every path)
         m, v = st["exp_avg"], st["exp_avg_sq"]
         cached = self._compact.pop(id(p), None)
         if cached is not None:
@@ -160,7 +162,8 @@ class SlicedAdamW(torch.optim.Optimizer):
         if m is st["exp_avg"]:
             m, v = idx.take(m, d), idx.take(v, d)
         w = idx.take(p, d)
-        _adamw(w, idx.take(p.grad, d), m, v, group=group, step=step, lr=lr)
+        g = g_rows if g_rows is not None and g_rows.shape == w.shape else idx.take(p.grad, d)
+        _adamw(w, g, m, v, group=group, step=step, lr=lr)
         idx.put(p, d, w)
         self._compact[id(p)] = (idx, m, v)
 
