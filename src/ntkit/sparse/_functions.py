@@ -140,14 +140,11 @@ def _masked_full(t: Tensor, keep: Idx | None, dim: int) -> Tensor:
     return keep.scatter(keep.take(t, dim), dim, t.shape)
 
 
-def _sum_sel(g: Tensor, sel: Idx | None, dims: tuple[int, ...], like: Tensor) -> Tensor:
+def _sum_sel(g: Tensor, sel: Idx | None, dims: tuple[int, ...]) -> Tensor:
     """Bias gradient: sum of ``g`` over ``dims`` for the selected channels (dim 1 of g), zeros elsewhere."""
     if sel is None:
         return g.sum(dims)
-    out = torch.zeros_like(like)
-    if len(sel):
-        sel.put(out, 0, sel.take(g, 1).sum(dims))
-    return out
+    return sel.scatter(sel.take(g, 1).sum(dims), 0, (sel.size,))
 
 
 # --------------------------------------------------------------------------------------- Linear
@@ -205,7 +202,7 @@ class _LinearFn(torch.autograd.Function):
             if g_a is not None and p.b_grad is p.w_grad:
                 gb = p.scattered("bias", p.b_grad, g_a.sum(0), 0, w.shape[:1])
             else:
-                gb = _sum_sel(g, p.b_grad, (0,), w.new_empty(w.shape[0]))
+                gb = _sum_sel(g, p.b_grad, (0,))
         return gx, gw, gb, None
 
 
@@ -264,6 +261,13 @@ class _Conv2dFn(torch.autograd.Function):
         if keep is None and a is None:
             gx, gw, _ = cbw(gy, w, [need_x, need_w, False])
         else:
+            if need_x:
+                if keep is None:
+                    gx = cbw(gy, w, [True, False, False])[0]
+                elif len(keep):
+                    gx = cbw(keep.take(gy, 1).contiguous(), keep.take(w, 0), [True, False, False])[0]
+                else:
+                    gx = torch.zeros_like(x)
             if need_w:
                 if a is None:
                     gw = cbw(gy, w, [False, True, False])[1]
@@ -282,15 +286,8 @@ class _Conv2dFn(torch.autograd.Function):
                         gw = p.scattered("weight", a, gw_a, 0, w.shape)
                         if fused_b:
                             gb = p.scattered("bias", a, gb_a, 0, w.shape[:1])
-            if need_x:
-                if keep is None:
-                    gx = cbw(gy, w, [True, False, False])[0]
-                elif len(keep):
-                    gx = cbw(keep.take(gy, 1).contiguous(), keep.take(w, 0), [True, False, False])[0]
-                else:
-                    gx = torch.zeros_like(x)
         if ctx.has_bias and ctx.needs_input_grad[2] and gb is None:
-            gb = _sum_sel(gy, p.b_grad, (0, 2, 3), w.new_empty(w.shape[0]))
+            gb = _sum_sel(gy, p.b_grad, (0, 2, 3))
         return gx, gw, gb, None, None
 
 
