@@ -77,7 +77,7 @@ from ntkit.partition import ParamSlice, Partition
 if TYPE_CHECKING:
     from ntkit.ntk.spectrum import Spectrum
 
-__all__ = ["ModularNTK", "Strategy", "modular_ntk"]
+__all__ = ["ModularNTK", "Strategy", "modular_ntk", "packed_rows_ambiguous"]
 
 _OUTPUTS = ("sum_logits", "logits")
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -203,6 +203,18 @@ def _logits_of(out: Any) -> Tensor:
     raise UnsupportedModelError(f"model output={type(out).__name__}: expected a Tensor, a tuple or a dict with 'logits'")
 
 
+def _mask_samples(mask: Tensor) -> Tensor:
+    """The sample of each True entry of ``mask`` [S, T], in row-major order (packed-row owners)."""
+    return torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+
+
+def packed_rows_ambiguous(mask: Tensor) -> bool:
+    """Whether packed logits for ``mask`` [S, T] (one row per True entry) cannot be used: with
+    n == S rows and not exactly one position per sample, the layers after the gather cannot be
+    told from per-sample ones. Callers that can choose pass outputs [S, T, V] then."""
+    return int(mask.sum()) == mask.shape[0] and not bool((mask.sum(1) == 1).all())
+
+
 def _per_sample(out: Any, output: str, mask: Tensor | None) -> Tensor:
     """Model output → per-sample scalars [S] (``sum_logits``) or logits [S, k] (``logits``).
 
@@ -213,8 +225,7 @@ def _per_sample(out: Any, output: str, mask: Tensor | None) -> Tensor:
         s, n = mask.shape[0], int(mask.sum())
         check(z.shape[0] == n, "model output rows", z.shape[0], f"{n} (output_mask's True count: packed logits) or an output [S, T, V]")
         if output == "sum_logits":
-            sample = torch.arange(s, device=z.device).unsqueeze(1).expand_as(mask)[mask]
-            return z.new_zeros(s).index_add(0, sample, z.sum(-1))
+            return z.new_zeros(s).index_add(0, _mask_samples(mask).to(z.device), z.sum(-1))
         counts = mask.sum(1).tolist()
         check(len(set(counts)) <= 1, "output_mask", f"counts {counts[:8]}", "the same number of positions per sample")
         return z.reshape(s, -1)
@@ -770,7 +781,7 @@ def _check_packed(run: _HookRun, z: Tensor, mask: Tensor | None) -> None:
                     run._refuse(c.module, f"{type(c.module).__name__}: input rows match output_mask's count, not S")
         return
     assert mask is not None
-    if mask.sum() == run.s and not bool((mask.sum(1) == 1).all()):
+    if packed_rows_ambiguous(mask):
         raise UnsupportedModelError(
             f"output_mask: packed logits with n = S = {run.s} rows but uneven positions per sample; layers "
             "after the gather cannot be told from per-sample ones — pass outputs [S, T, V] for this batch"
@@ -988,7 +999,7 @@ def modular_ntk(
                     run.grams = grams
                 run.input_ptrs = {t.untyped_storage().data_ptr() for t in (*args, *kwargs.values()) if isinstance(t, Tensor)}
                 if output_mask is not None:
-                    run.packed = torch.arange(s, device=output_mask.device).unsqueeze(1).expand_as(output_mask)[output_mask]
+                    run.packed = _mask_samples(output_mask)
                 handles = run.register()
                 z = _logits_of(model(*args, **kwargs))
                 _check_packed(run, z, output_mask)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ntkit.ntk.engine import packed_rows_ambiguous
 from ntkit.partition import Partition
 
 __all__ = ["ImageTask", "MLMTask", "Task"]
@@ -176,8 +177,7 @@ class MLMTask(Task):
         idx = torch.randperm(self.num_train, generator=generator)[:num_samples]
         ids, labels = self._collate(self.train.index_select(0, idx), generator)
         mask = labels != -100
-        n = int(mask.sum())
-        if self._packed_ntk and (n != num_samples or bool((mask.sum(1) == 1).all())):
+        if self._packed_ntk and not packed_rows_ambiguous(mask):
             return {"input_ids": ids, "positions": mask}, mask
         return ids, mask
 
