@@ -286,7 +286,7 @@ class MAT(TrainingMethod):
     def state_dict(self) -> dict:
         """JSON-able state for exact resume (history, RNG, decision and temporal state)."""
         st: dict[str, Any] = {
-            "history": list(self.history),
+            **super().state_dict(),
             "generator": generator_state(self.generator),
             "evaluations": self.evaluations,
         }

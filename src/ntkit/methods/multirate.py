@@ -154,7 +154,7 @@ class Multirate(TrainingMethod):
         return scale
 
     def state_dict(self) -> dict:
-        st: dict[str, Any] = {"history": list(self.history), "generator": generator_state(self.generator)}
+        st: dict[str, Any] = {**super().state_dict(), "generator": generator_state(self.generator)}
         if self.slow is not None:
             st["slow"] = bool_list(self.slow)
         return st

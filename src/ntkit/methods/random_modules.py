@@ -114,7 +114,7 @@ class Rand(TrainingMethod):
         ctx.log(rec)
 
     def state_dict(self) -> dict:
-        st: dict[str, Any] = {"history": list(self.history), "generator": generator_state(self.generator)}
+        st: dict[str, Any] = {**super().state_dict(), "generator": generator_state(self.generator)}
         if self.active is not None:
             st["active"] = bool_list(self.active)
         return st

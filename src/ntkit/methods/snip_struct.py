@@ -150,7 +150,7 @@ class SnipStruct(TrainingMethod):
         return self.pruned.clone()
 
     def state_dict(self) -> dict:
-        st: dict[str, Any] = {"history": list(self.history), "done": self.done}
+        st: dict[str, Any] = {**super().state_dict(), "done": self.done}
         if self.pruned is not None:
             st["pruned"] = bool_list(self.pruned)
         return st
