@@ -8,8 +8,8 @@ Models (eval mode, random inputs, torch threads = all cores):
   bias + BN affine per filter).
 
 Methods, measured side by side in one run. Each method runs in its own fresh process (so none
-inherits the heap, caches or page state of the multi-GB baselines: on this VM they slowed
-whatever ran next by up to 30%), in method order and again in reverse order (linear drift
+inherits the heap, caches or page state of the multi-GB baselines: interleaved with them on
+this VM, the VGG engine took 0.70–0.90 s against 0.615 s alone), in method order and again in reverse order (linear drift
 cancels); the median over both passes' timed runs is reported. ``--interleaved`` (the default
 with ``--quick``) instead interleaves all methods in one process:
 
@@ -383,8 +383,9 @@ def bench_case(
 ) -> dict[str, Any]:
     """Every method on one case. ``isolate``: each method in its own process, the sweep run
     twice (method order, then reversed; ⌈repeats/2⌉ timed runs per process), so no method runs
-    on the heap, caches or page state another left behind (the multi-GB baselines slow down
-    whatever follows them by up to 30% on this VM) and drift cancels to first order. Otherwise
+    on the heap, caches or page state another left behind (interleaved with the multi-GB
+    baselines, the VGG engine took 0.70–0.90 s against 0.615 s alone) and drift cancels to first
+    order. Otherwise
     all methods run interleaved in this process (quick smoke tests; no peak memory)."""
     c = build_case(name, quick, s, t)
     avail = [m for m in methods if RUNNERS.get(m) is not None and not (m == "engine-full-logits" and c.mask is None)]

@@ -4,9 +4,10 @@ PyTorch's CPU allocator hands every tensor to the C library's ``malloc``. glibc 
 above its mmap threshold (128 KiB at start, adapting upwards only as such blocks are freed) with
 fresh ``mmap`` pages and returns freed heap tops to the kernel (trim threshold), so a training
 step that allocates the same multi-MB activations and gradients every iteration page-faults them
-back in every time: measured here (2-core VM, Conv2d 64→64, 32×32, batch 64), the fused
-convolution backward takes 35–44 ms with the defaults and 27 ms with the settings below, and
-step-to-step timings scatter by ±20%. Keeping freed memory in the heap for reuse is what the
+back in every time. Measured here (2-core VM, Conv2d 64→64, 32×32, batch 64): the fused
+convolution backward kernel takes 29.2 ms with the defaults and 26.4 ms with the settings below
+(``bench/conv_backward_parts.py``), and a whole layer backward's middle half of timings spreads
+over 31–42 ms with the defaults against 29.5–30.2 ms (earlier runs saw 44 ms against 27 ms). Keeping freed memory in the heap for reuse is what the
 caching allocators PyTorch recommends for CPU training (jemalloc, tcmalloc) do; glibc gets there
 with two ``mallopt`` calls, which :func:`tune_cpu_allocator` makes.
 
