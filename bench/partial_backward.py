@@ -22,10 +22,15 @@ about 0.75 (fwd 1 + dX 1 + dW ½ over 3 for the step, dX 1 + dW ½ over 2 for th
 model's is higher. Time can only approach the FLOP ratio: the sliced path adds a gather of the
 output gradient for the active slices and a scatter of their weight gradient, elementwise work
 (norms, activations, softmax, optimizer) does not shrink, and BLAS / oneDNN efficiency is not
-linear in matrix size. Target: time ratio ≤ FLOP ratio + 0.05 at 50%. For the Conv2d layer the
-kernels alone (input gradient + half the filters' weight gradient + the gather, timed by
-``bench/conv_backward_parts.py``) already sit at ≈ 0.80 on this CPU, and the BatchNorm backward
-both paths pay (not in the FLOP count) adds to that.
+linear in matrix size. Target: time ratio ≤ FLOP ratio + 0.05 at 50%.
+
+Memory format: the convolution cases run twice, NCHW (PyTorch's default) and channels-last
+(``*_nhwc``: model and input ``.to(memory_format=torch.channels_last)``; plain and sliced alike).
+In NCHW, oneDNN converts layouts inside every convolution call, so the split backward (input
+gradient, then a subset's weight gradient) pays conversions the fused full backward pays once:
+the kernels alone (``bench/conv_backward_parts.py --memory-format both``) sit at ≈ 0.80 for the
+Conv2d layer. Channels-last is oneDNN's native layout, faster for the plain layer too, and there
+the kernels follow the FLOPs.
 
 CPU memory: the benchmark calls :func:`ntkit.train.tune_cpu_allocator` first (glibc keeps freed
 memory for reuse; ``NTKIT_MALLOC=system`` opts out): with the default, every configuration's
@@ -68,6 +73,7 @@ __all__ = ["main"]
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 # Same hyper-parameters for the plain torch AdamW and SlicedAdamW (their weight_decay defaults differ).
 OPT = {"lr": 1e-4, "weight_decay": 0.01}
+NHWC = torch.channels_last
 _CLOCK: Callable[[], float] = time.perf_counter
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "partial_backward.json"
 
@@ -128,6 +134,10 @@ def _layer_cases(quick: bool) -> dict[str, tuple[nn.Module, Partition, Callable[
     cases["conv2d_filters"] = (conv, P.conv_filters(conv), lambda: torch.randn(b, c, hw, hw, requires_grad=True))
     conv_bn = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
     cases["conv2d_filters+bn"] = (conv_bn, P.conv_filters(conv_bn), lambda: torch.randn(b, c, hw, hw, requires_grad=True))
+    for name in ("conv2d_filters", "conv2d_filters+bn"):  # the same layers stored channels-last (NHWC)
+        layer, part, make_x = cases[name]
+        cases[f"{name}_nhwc"] = (copy.deepcopy(layer).to(memory_format=NHWC), part,
+                                 lambda make_x=make_x: make_x().detach().to(memory_format=NHWC).requires_grad_())
     moe = SwitchFFN(d, 4 * d, 4)
     ep = _strip(P.moe_experts(nn.Sequential(moe)), "0.")
     cases["moe_experts"] = (moe, ep.bind(moe), lambda: torch.randn(n_tok // 64, 64, d, requires_grad=True))
@@ -187,6 +197,9 @@ def _model_cases(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], Callab
                                  P.attention_heads, mlm_batch, "mlm"),
         "vgg16_filters": (lambda: build_model("vgg16", width=width), P.conv_filters,
                           lambda: (torch.randn(vb, 3, 32, 32), torch.randint(10, (vb,))), "cls"),
+        "vgg16_filters_nhwc": (lambda: build_model("vgg16", width=width).to(memory_format=NHWC), P.conv_filters,
+                               lambda: (torch.randn(vb, 3, 32, 32).to(memory_format=NHWC), torch.randint(10, (vb,))),
+                               "cls"),
         "switch_mlm_small_experts": (lambda: build_model("switch_mlm", size="small", num_experts=4, vocab_size=vocab),
                                      P.moe_experts, mlm_batch, "mlm"),
     }

@@ -41,6 +41,12 @@ def _cnn() -> tuple[nn.Module, Partition, Tensor]:
     return m, P.conv_filters(m), torch.randn(4, 3, 8, 8)
 
 
+def _cnn_channels_last() -> tuple[nn.Module, Partition, Tensor]:
+    """The CNN stored channels-last (NHWC), the faster layout of CPU / GPU convolution kernels."""
+    m, part, x = _cnn()
+    return m.to(memory_format=torch.channels_last), part, x.contiguous(memory_format=torch.channels_last)
+
+
 def _proj_columns() -> tuple[nn.Module, Partition, Tensor]:
     """Linear column slices only (no row slicing upstream): the output projection of heads."""
     m = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4))
@@ -48,7 +54,8 @@ def _proj_columns() -> tuple[nn.Module, Partition, Tensor]:
     return m, Partition.from_slices(spec).bind(m), torch.randn(6, 5)
 
 
-MODELS = {"mlp": _mlp, "transformer": _transformer, "cnn": _cnn, "columns": _proj_columns}
+MODELS = {"mlp": _mlp, "transformer": _transformer, "cnn": _cnn, "cnn_channels_last": _cnn_channels_last,
+          "columns": _proj_columns}
 
 
 def _loss(m: nn.Module, x: Tensor) -> Tensor:
@@ -93,6 +100,31 @@ def test_active_grads_equal_full_backward(model: str, seed: int) -> None:
     ctl.set_active(~active)
     _loss(m, x).backward()
     _check_grads(m, ref, part, ~active)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_channels_last_stays_channels_last(pruned: bool) -> None:
+    """Sliced convolutions keep an NHWC model NHWC: outputs and input gradients come out in the
+    same layout as the plain model's (no silent NCHW copies in between)."""
+    m, _, x = _cnn_channels_last()
+    m = nn.Sequential(*list(m)[:6])  # up to the last BN: 4-D outputs
+    part = P.conv_filters(m)
+    x.requires_grad_(True)
+    ref = copy.deepcopy(m)
+    y_ref = ref(x)
+    y_ref.backward(torch.ones_like(y_ref))
+    gx_ref = x.grad
+    x.grad = None
+    ctl = attach(m, part)
+    ctl.set_active(torch.arange(len(part)) % 2 == 0)
+    if pruned:
+        ctl.set_pruned(torch.arange(len(part)) % 3 == 0)
+    y = m(x)
+    y.backward(torch.ones_like(y))
+    cl = torch.channels_last
+    assert y_ref.is_contiguous(memory_format=cl) and gx_ref.is_contiguous(memory_format=cl)
+    assert y.is_contiguous(memory_format=cl) and not y.is_contiguous()
+    assert x.grad.is_contiguous(memory_format=cl) and not x.grad.is_contiguous()
 
 
 def test_grad_masks_match_partition() -> None:
@@ -257,7 +289,7 @@ def _zeroed(m: nn.Module, part: Partition, pruned: Tensor) -> nn.Module:
     return z
 
 
-@pytest.mark.parametrize("model", ["mlp", "transformer", "cnn", "columns"])
+@pytest.mark.parametrize("model", sorted(MODELS))
 def test_pruned_forward_and_grads_equal_zeroed_model(model: str) -> None:
     m, part, x = MODELS[model]()
     m, x = m.double(), x.double()
@@ -400,6 +432,35 @@ def test_idx_take_put_match_index_select(index: list[int], block: int, dim: int)
     assert torch.equal(idx.scatter(ref, dim, shape), want)
     rest = idx.complement()
     assert sorted(rest.index.tolist()) == sorted(set(range(size)) - set(index))
+
+
+@pytest.mark.parametrize("index", [[2, 3, 4], [0, 1, 4, 5, 10, 11], [1, 3, 4, 9], [], list(range(16))])
+@pytest.mark.parametrize("dim", [0, 1, 2, -3])
+@pytest.mark.parametrize("src_cl", [True, False])
+def test_idx_on_channels_last_tensors(index: list[int], dim: int, src_cl: bool) -> None:
+    """take / put / scatter / zero on NHWC 4-D tensors (filters: dim 0, channels: dim 1) equal the
+    plain index ops, and results keep the channels-last layout."""
+    from ntkit.sparse._functions import Idx, _channels_last
+
+    cl, size = torch.channels_last, 16
+    idx, ix = Idx(torch.tensor(index, dtype=torch.long), size), torch.tensor(index, dtype=torch.long)
+    shape = [3, 5, 4, 2]
+    shape[dim] = size
+    t = torch.randn(shape).contiguous(memory_format=cl)
+    ref = t.index_select(dim, ix)
+    got = idx.take(t, dim)
+    assert torch.equal(got, ref)
+    if index and not idx.contiguous and dim % 4 in (0, 1):
+        assert got.is_contiguous(memory_format=cl) and not got.is_contiguous()
+    src = ref.contiguous(memory_format=cl if src_cl else torch.contiguous_format)
+    want = torch.zeros(shape).index_copy_(dim, ix, ref)
+    out = torch.zeros(shape).contiguous(memory_format=cl)
+    assert torch.equal(idx.put(out, dim, src), want) and out.is_contiguous(memory_format=cl)
+    sc = idx.scatter(src, dim, shape)
+    assert torch.equal(sc, want)
+    assert sc.is_contiguous(memory_format=cl if _channels_last(src) else torch.contiguous_format)
+    full = torch.randn(shape).contiguous(memory_format=cl)
+    assert torch.equal(idx.zero(full.clone(memory_format=cl), dim), full.index_fill(dim, ix, 0))
 
 
 def test_layer_with_custom_forward_is_not_sliced() -> None:
