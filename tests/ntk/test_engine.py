@@ -231,6 +231,10 @@ def make_case(name: str, dtype: torch.dtype = torch.float64, s: int = 5):
         model = TinyBert(experts=3, layers=1)
         x = torch.randint(0, 11, (s, 6), generator=g)
         parts = {"experts": experts_partition(model)}
+    elif name.endswith("_nhwc"):  # the same conv nets stored channels-last
+        model, x, parts, mask = make_case(name[: -len("_nhwc")], dtype, s)
+        cl = torch.channels_last
+        return model.to(memory_format=cl), x.contiguous(memory_format=cl), parts, mask
     else:
         raise KeyError(name)
     _randomise_bn(model)
@@ -241,7 +245,7 @@ def make_case(name: str, dtype: torch.dtype = torch.float64, s: int = 5):
     return model, x, parts, mask
 
 
-CASES = ["mlp", "cnn", "resblock", "bert", "hf_attention", "moe"]
+CASES = ["mlp", "cnn", "cnn_nhwc", "resblock", "resblock_nhwc", "bert", "hf_attention", "moe"]
 
 
 def rel(a: Tensor, b: Tensor) -> float:
@@ -263,7 +267,7 @@ def test_strategies_match_brute_force(case: str, strategy: str) -> None:
             assert got.strategy == "hooks" and got.fallback_layers == []
 
 
-@pytest.mark.parametrize("case", ["mlp", "cnn", "resblock", "hf_attention"])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "cnn_nhwc", "resblock", "hf_attention"])
 @pytest.mark.parametrize("path", ["materialise", "contract", "contract_raw_conv_gram", "grouped_conv", "unfold_conv"])
 def test_every_gram_path_matches_brute_force(case: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Force each per-layer kernel (the cost rule would pick only one per layer)."""

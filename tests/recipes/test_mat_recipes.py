@@ -104,3 +104,25 @@ def test_demo_ci_needs_no_data_dir(tmp_path):
     res = _run("demo", tmp_path, None)
     assert [r["method"] for r in res["records"]] == ["vanilla", "rand", "multirate", "mat"]
     _check_mat(res)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_image_task_memory_format(channels_last: bool) -> None:
+    """VGG is stored channels-last unless turned off (its activations and gradients follow); the
+    ViT is left as built."""
+    import torch
+
+    from ntkit.recipes._mat_image import ImageCompareConfig, build_image_task
+
+    cfg = ImageCompareConfig(dataset="digits", width=0.125, augment=False, channels_last=channels_last)
+    task, _ = build_image_task(cfg, None)
+    model = task.build_model()
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1]  # the first has 1 input channel
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert conv.weight.is_contiguous() != channels_last
+    x, y = task.train_batch(torch.arange(4), torch.Generator().manual_seed(0))
+    loss, _, _ = task.loss(model, (x, y))
+    loss.backward()
+    assert conv.weight.grad.is_contiguous(memory_format=torch.channels_last) == channels_last
+    vit_task, _ = build_image_task(ImageCompareConfig(model="vit_tiny", dataset="digits", augment=False), None)
+    assert all(p.is_contiguous() for p in vit_task.build_model().parameters())
