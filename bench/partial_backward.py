@@ -238,19 +238,31 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
         steps[key] = _step_fn(m, SlicedAdamW(m, ctl, **OPT), batch, task)
         models[key] = m
 
-    def timed(fn: Callable[[], None]) -> Callable[[], float]:
+    # Every step (timed or counted) starts from the initial weights: the steps train, and a MoE
+    # routes by its weights, so without the reset the counted FLOPs would not be those timed (and
+    # would depend on the repeat count). Optimizer moments are left to evolve (they do not change
+    # the work done).
+    start = [t.detach().clone() for t in (*base.parameters(), *base.buffers())]
+
+    def reset(m: nn.Module) -> None:
+        with torch.no_grad():
+            for t, t0 in zip((*m.parameters(), *m.buffers()), start, strict=True):
+                t.copy_(t0)
+        torch.manual_seed(1)  # same dropout / routing randomness for every configuration
+
+    def timed(k: str) -> Callable[[], float]:
         def run() -> float:
-            torch.manual_seed(1)  # same dropout / routing randomness for every configuration
+            reset(models[k])
             t0 = _CLOCK()
-            fn()
+            steps[k]()
             return _CLOCK() - t0
 
         return run
 
-    t = _interleaved({k: timed(fn) for k, fn in steps.items()}, repeats)
+    t = _interleaved({k: timed(k) for k in steps}, repeats)
     flops = {}
     for k, fn in steps.items():
-        torch.manual_seed(1)
+        reset(models[k])
         flops[k] = _flops(fn)
     res: dict[str, Any] = {"what": "training step", "time_s": t, "flops": flops}
     res["flops_ratio"] = {k: flops[k] / flops["full"] for k in steps}
