@@ -118,6 +118,7 @@ def _strip(part: Partition, prefix: str) -> Partition:
 
 # ----------------------------------------------------------------------------------- layers
 def _layer_cases(quick: bool) -> dict[str, tuple[nn.Module, Partition, Callable[[], Tensor]]]:
+    torch.manual_seed(0)  # the same layers (and MoE routing) in every run
     n_tok = 256 if quick else 4096
     d, heads = (128, 4) if quick else (512, 8)
     cases: dict[str, tuple[nn.Module, Partition, Callable[[], Tensor]]] = {}

@@ -127,6 +127,20 @@ def test_channels_last_stays_channels_last(pruned: bool) -> None:
     assert x.grad.is_contiguous(memory_format=cl) and not x.grad.is_contiguous()
 
 
+def test_filter_index_sets_shared_across_a_filters_params() -> None:
+    """A filter's conv weight, conv bias and BN affine get one Idx object per active set (the conv
+    backward fuses the bias gradient into the weight gradient's call when they are the same)."""
+    m, part, _ = _cnn()
+    ctl = attach(m, part)
+    ctl.set_active(torch.arange(len(part)) % 3 != 0)
+    conv, bn = m[0]._ntk_plan, m[1]._ntk_plan
+    assert conv.w_grad is not None and conv.w_grad is conv.b_grad is bn.w_grad is bn.b_grad
+    assert conv.w_grad is ctl.active_sel("0.weight")
+    assert conv.w_keep is None and conv.b_keep is None  # nothing pruned: everything computed forward
+    ctl.set_active(torch.ones(len(part), dtype=torch.bool))
+    assert m[0]._ntk_plan is None  # all active: the native op
+
+
 def test_grad_masks_match_partition() -> None:
     m, part, x = _transformer()
     ctl = attach(m, part)

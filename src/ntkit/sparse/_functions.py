@@ -18,10 +18,10 @@ whose groups are all inactive, so a frozen prefix costs no backward at all.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,19 +39,28 @@ class Idx:
     def __init__(self, index: Tensor, size: int) -> None:
         self.index = index.to(torch.long).cpu()
         self.size = int(size)
-        k = int(self.index.numel())
-        self.start = int(self.index[0]) if k else 0
-        self.stop = int(self.index[-1]) + 1 if k else 0
+        # host-side bookkeeping in numpy: index sets change every step under Rand / MAT, and a
+        # handful of tiny torch ops per set cost more than the small layers' kernels
+        ix = self.index.numpy()
+        k = ix.size
+        self.start = int(ix[0]) if k else 0
+        self.stop = int(ix[-1]) + 1 if k else 0
         self.contiguous = k == 0 or self.stop - self.start == k
         self.block = 1
         if not self.contiguous:
-            breaks = torch.nonzero(self.index[1:] != self.index[:-1] + 1).flatten()
-            starts = torch.cat([self.index[:1], self.index[breaks + 1]])
-            stops = torch.cat([self.index[breaks] + 1, self.index[-1:] + 1])
-            self.block = math.gcd(self.size, *torch.cat([starts, stops]).tolist())
+            breaks = np.flatnonzero(ix[1:] != ix[:-1] + 1)
+            ends = np.concatenate([ix[:1], ix[breaks + 1], ix[breaks] + 1, ix[-1:] + 1, [self.size]])
+            self.block = int(np.gcd.reduce(ends))
         self._blocks = self.index[:: self.block] // self.block if self.block > 1 else self.index
         self._dev: dict[torch.device, Tensor] = {}
         self._complement: Idx | None = None
+
+    @classmethod
+    def of_mask(cls, mask: np.ndarray) -> Idx | None:
+        """The True positions of a bool array (None when all are True: "everything")."""
+        if mask.all():
+            return None
+        return cls(torch.from_numpy(np.flatnonzero(mask)), mask.size)
 
     def __len__(self) -> int:
         return int(self.index.numel())
@@ -78,9 +87,9 @@ class Idx:
     def complement(self) -> Idx:
         """The indices not in this set (cached)."""
         if self._complement is None:
-            keep = torch.ones(self.size, dtype=torch.bool)
-            keep[self.index] = False
-            self._complement = Idx(keep.nonzero().flatten(), self.size)
+            keep = np.ones(self.size, dtype=bool)
+            keep[self.index.numpy()] = False
+            self._complement = Idx(torch.from_numpy(np.flatnonzero(keep)), self.size)
         return self._complement
 
     def scatter(self, src: Tensor, dim: int, shape: Sequence[int] | torch.Size) -> Tensor:

@@ -41,6 +41,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -62,13 +63,6 @@ class ParamSlicing:
     dim: int
     group_of: Tensor
     orig_requires_grad: bool
-
-
-def _sel(mask: Tensor) -> Idx | None:
-    """None when every index is selected, else the Idx of the True positions."""
-    if bool(mask.all()):
-        return None
-    return Idx(mask.nonzero().flatten(), mask.numel())
 
 
 def _as_mask(x: Tensor | Sequence[bool], m: int, field: str) -> Tensor:
@@ -316,33 +310,50 @@ class SparseController:
 
     def _apply(self) -> None:
         params = dict(self.model.named_parameters())
-        act, keep = self.active, ~self._pruned
-        per_module: dict[str, dict[str, tuple[ParamSlicing, Tensor, Tensor]]] = {}
+        act, keep = self.active.numpy(), (~self._pruned).numpy()
+        per_module: dict[str, dict[str, tuple[ParamSlicing, np.ndarray, np.ndarray]]] = {}
+        memo: dict[bytes, Idx | None] = {}
+
+        def sel(mask: np.ndarray) -> Idx | None:
+            """One Idx per distinct index set: a filter's conv weight, bias and BN affine share it
+            (kernels recognise shared sets by identity, e.g. the conv bias gradient fused into the
+            weight gradient's call)."""
+            key = mask.tobytes()
+            if key not in memo:
+                memo[key] = Idx.of_mask(mask)
+            return memo[key]
+
         self._active_sel: dict[str, Idx | None] = {}
         for name, sl in self.slicings.items():
-            amask, kmask = self._index_mask(sl, act), self._index_mask(sl, keep)
-            self._active_sel[name] = _sel(amask)
+            amask, kmask = self._index_mask_np(sl, act), self._index_mask_np(sl, keep)
+            self._active_sel[name] = sel(amask)
             params[name].requires_grad_(sl.orig_requires_grad and bool(amask.any()))
             if not sl.orig_requires_grad:
-                amask = torch.zeros_like(amask)
+                amask = np.zeros_like(amask)
             per_module.setdefault(sl.module, {})[sl.attr] = (sl, amask, kmask)
         for mod_name, (module, _) in self._modules.items():
             entries = per_module[mod_name]
             # all kept and each parameter all-or-nothing active: the native op + requires_grad suffice
-            full = all(bool(k.all()) and (bool(a.all()) or not bool(a.any())) for _, a, k in entries.values())
+            full = all(k.all() and (a.all() or not a.any()) for _, a, k in entries.values())
             if full:
                 module._ntk_plan = None  # type: ignore[attr-defined]
                 continue
             w, b = entries.get("weight"), entries.get("bias")
-            w_keep, w_grad = (_sel(w[2]), _sel(w[1])) if w else (None, None)
-            b_keep, b_grad = (_sel(b[2]), _sel(b[1])) if b else (None, None)
-            if w and b and w[0].dim == 0:  # same index sets → same objects (lets kernels share work)
-                b_keep = w_keep if torch.equal(w[2], b[2]) else b_keep
-                b_grad = w_grad if torch.equal(w[1], b[1]) else b_grad
             module._ntk_plan = LayerPlan(  # type: ignore[attr-defined]
-                w_dim=w[0].dim if w else None, w_keep=w_keep, w_grad=w_grad, b_keep=b_keep, b_grad=b_grad,
+                w_dim=w[0].dim if w else None,
+                w_keep=sel(w[2]) if w else None, w_grad=sel(w[1]) if w else None,
+                b_keep=sel(b[2]) if b else None, b_grad=sel(b[1]) if b else None,
                 keep_rows=self._keep_grad_rows,
             )
+
+    def _index_mask_np(self, sl: ParamSlicing, groups: np.ndarray) -> np.ndarray:
+        """:meth:`_index_mask` on the host, in numpy (the owner map cached per parameter)."""
+        cache = self.__dict__.setdefault("_owner_np", {})
+        if sl.name not in cache:
+            g = sl.group_of.cpu().numpy()
+            cache[sl.name] = (np.clip(g, 0, None), g < 0)
+        owner, shared = cache[sl.name]
+        return groups[owner] | shared
 
 
 def attach(model: nn.Module, partition: Partition) -> SparseController:
