@@ -386,12 +386,13 @@ class _BatchNormFn(torch.autograd.Function):
         gx = gw = gb = None
         aten_bw = torch.ops.aten.native_batch_norm_backward
         if need[0]:
-            gx, gw_all, gb_all = aten_bw(gy, x, w, rm, rv, sm, si, ctx.training, ctx.eps, [True, need[1], need[2]])
-            if need[1]:
-                gw = _masked_full(gw_all, p.w_grad, 0)
-            if need[2]:
-                gb = _masked_full(gb_all, p.b_grad, 0)
-            return gx, gw, gb, None, None, None, None, None, None
+            gx, gw, gb = aten_bw(gy, x, w, rm, rv, sm, si, ctx.training, ctx.eps, [True, need[1], need[2]])
+            # the affine gradients are fresh tensors: zero the inactive channels in place
+            if need[1] and p.w_grad is not None:
+                p.w_grad.complement().zero(gw, 0)
+            if need[2] and p.b_grad is not None:
+                p.b_grad.complement().zero(gb, 0)
+            return gx, gw if need[1] else None, gb if need[2] else None, None, None, None, None, None, None
         for k, (sel, want) in enumerate(((p.w_grad, need[1]), (p.b_grad, need[2]))):
             if not want:
                 continue
