@@ -282,8 +282,11 @@ def _padding(m: nn.Conv2d) -> tuple[int, int]:
     return m.padding  # type: ignore[return-value]
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+def _conv_memory_format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The layout of a convolution's output (and of the gradients its backward works on): channels-last
+    when the input or the weight is, as PyTorch's own convolution decides (an NHWC model fed NCHW
+    batches runs NHWC from its first layer on)."""
+    return torch.channels_last if _channels_last(x) or _channels_last(weight) else torch.contiguous_format
 
 
 class _Conv2dFn(torch.autograd.Function):
@@ -301,7 +304,7 @@ class _Conv2dFn(torch.autograd.Function):
         else:
             ho, wo = _conv_out_hw(mod, x.shape[-2], x.shape[-1])
             y = torch.empty((x.shape[0], weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
-                            memory_format=_memory_format(x)).zero_()
+                            memory_format=_conv_memory_format(x, weight)).zero_()
             if len(keep):
                 keep.put(y, 1, F.conv2d(x, keep.take(weight, 0), None, mod.stride, pad, mod.dilation))
         if bias is not None:
@@ -316,7 +319,7 @@ class _Conv2dFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         p: LayerPlan = ctx.plan
         stride, pad, dil = ctx.conf
-        gy = gy.contiguous(memory_format=_memory_format(x))
+        gy = gy.contiguous(memory_format=_conv_memory_format(x, w))
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         gx = gw = gb = None
 
