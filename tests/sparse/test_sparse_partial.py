@@ -375,8 +375,9 @@ def test_autocast_bf16_runs_and_matches_fp32() -> None:
         assert err < 0.1, (name, float(err))
 
 
-def test_compile_aot_eager_matches_eager() -> None:
-    m, part, x = _cnn()
+@pytest.mark.parametrize("model", ["cnn", "cnn_channels_last"])
+def test_compile_aot_eager_matches_eager(model: str) -> None:
+    m, part, x = MODELS[model]()
     ref = copy.deepcopy(m)
     ctl_ref = attach(ref, copy.deepcopy(part))
     ctl = attach(m, part)
