@@ -519,12 +519,16 @@ def test_tied_parameter_cannot_be_sliced() -> None:
         ("bert_mlm", {"size": "tiny", "vocab_size": 50, "dropout": 0.0}, P.attention_heads),
         ("switch_mlm", {"size": "tiny", "vocab_size": 50, "dropout": 0.0}, P.auto),
         ("vgg16", {"width": 0.0625}, P.conv_filters),
+        ("vgg16", {"width": 0.0625, "channels_last": True}, P.conv_filters),
+        ("resnet56", {"width": 0.5, "channels_last": True}, P.conv_filters),
     ],
 )
 def test_model_zoo_partial_grads(name: str, kw: dict, builder) -> None:
     from ntkit.models import build_model
 
-    m = build_model(name, **kw).double().eval()
+    kw = dict(kw)
+    fmt = torch.channels_last if kw.pop("channels_last", False) else torch.contiguous_format
+    m = build_model(name, **kw).double().eval().to(memory_format=fmt)
     x = torch.randint(50, (2, 6)) if "mlm" in name else torch.randn(2, 3, 32, 32, dtype=torch.float64)
     ref = copy.deepcopy(m)
     part = builder(m)
