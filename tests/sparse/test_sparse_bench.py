@@ -33,8 +33,9 @@ def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) ->
 
 
 def test_bench_layers_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    last = _run(tmp_path, capsys, ["--only", "linear_rows", "linear_columns", "conv2d_filters", "moe_experts"])
-    assert set(last) == {"linear_rows", "linear_columns", "conv2d_filters", "moe_experts"}
+    names = ["linear_rows", "linear_columns", "conv2d_filters", "conv2d_filters_nhwc", "moe_experts"]
+    last = _run(tmp_path, capsys, ["--only", *names])
+    assert set(last) == set(names)
     assert abs(last["linear_rows"]["flops_ratio_50"] - 0.75) < 1e-6
 
 
