@@ -213,7 +213,9 @@ def _model_cases(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], Callab
     }
 
 
-def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[Tensor, ...], task: str) -> Callable[[], None]:
+def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[Tensor, ...], task: str,
+             opt_times: list[float]) -> Callable[[], None]:
+    """One training step; appends the seconds ``opt.step()`` took to ``opt_times``."""
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         out = model(batch[0])
@@ -222,7 +224,9 @@ def _step_fn(model: nn.Module, opt: torch.optim.Optimizer, batch: tuple[Tensor, 
         else:
             loss = nn.functional.cross_entropy(out, batch[1])
         loss.backward()
+        t0 = _CLOCK()
         opt.step()
+        opt_times.append(_CLOCK() - t0)
 
     return step
 
@@ -233,8 +237,9 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
     torch.manual_seed(0)
     base = build().train()
     batch = make_batch()
+    opt_t: dict[str, list[float]] = {}  # seconds of each optimizer step, per configuration
     steps: dict[str, Callable[[], None]] = {
-        "full": _step_fn(base, torch.optim.AdamW(base.parameters(), **OPT), batch, task)
+        "full": _step_fn(base, torch.optim.AdamW(base.parameters(), **OPT), batch, task, opt_t.setdefault("full", []))
     }
     models: dict[str, nn.Module] = {"full": base}
     for frac in FRACTIONS:
@@ -243,7 +248,7 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
         ctl = attach(m, part)
         ctl.set_active(_active_fraction(part, frac))
         key = f"{int(frac * 100)}%"
-        steps[key] = _step_fn(m, SlicedAdamW(m, ctl, **OPT), batch, task)
+        steps[key] = _step_fn(m, SlicedAdamW(m, ctl, **OPT), batch, task, opt_t.setdefault(key, []))
         models[key] = m
     # 50% with a new random set every step, the worst case for set changes (Rand draws a set per
     # epoch, MAT per interval): the step then also pays set_active and the optimizer's write-back
@@ -252,7 +257,7 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
     part = make_part(m)
     ctl = attach(m, part)
     masks = [_active_fraction(part, 0.5, seed=s) for s in range(8)]
-    step50 = _step_fn(m, SlicedAdamW(m, ctl, **OPT), batch, task)
+    step50 = _step_fn(m, SlicedAdamW(m, ctl, **OPT), batch, task, opt_t.setdefault("50% resampled", []))
     turn = iter(range(10**9))
 
     def resampled(ctl: Any = ctl) -> None:
@@ -283,11 +288,12 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
         return run
 
     t = _interleaved({k: timed(k) for k in steps}, repeats)
+    opt_s = {k: statistics.median(v[-repeats:]) for k, v in opt_t.items()}  # the timed repeats
     flops = {}
     for k, fn in steps.items():
         reset(models[k])
         flops[k] = _flops(fn)
-    res: dict[str, Any] = {"what": "training step", "time_s": t, "flops": flops}
+    res: dict[str, Any] = {"what": "training step", "time_s": t, "opt_time_s": opt_s, "flops": flops}
     res["flops_ratio"] = {k: flops[k] / flops["full"] for k in steps}
     res["time_ratio"] = {k: t[k] / t["full"] for k in steps}
     res["flops_ratio_50"], res["time_ratio_50"] = res["flops_ratio"]["50%"], res["time_ratio"]["50%"]
@@ -324,16 +330,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(f"partial backward, torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}, "
           f"{repeats} interleaved repeats (medians), {args.clock} clock{' [quick]' if args.quick else ''}")
-    print(f"{'case':<28}{'measured':<15}{'active':>14}{'time s':>10}{'time ratio':>12}{'FLOP ratio':>12}{'ok':>5}")
+    print(f"{'case':<28}{'measured':<15}{'active':>14}{'time s':>10}{'time ratio':>12}{'FLOP ratio':>12}{'ok':>5}"
+          f"{'optimizer s':>13}")
     for name, r in results.items():
         if r["what"] == "backward":
-            rows = [("100%", r["time_full_s"], 1.0, 1.0), ("50%", r["time_50_s"], r["time_ratio_50"], r["flops_ratio_50"])]
+            rows = [("100%", r["time_full_s"], 1.0, 1.0, None),
+                    ("50%", r["time_50_s"], r["time_ratio_50"], r["flops_ratio_50"], None)]
         else:
-            rows = [(k, r["time_s"][k], r["time_ratio"][k], r["flops_ratio"][k]) for k in r["time_s"] if k != "full"]
-            rows.insert(0, ("plain", r["time_s"]["full"], 1.0, 1.0))
-        for k, ts, tr, fr in rows:
+            rows = [(k, r["time_s"][k], r["time_ratio"][k], r["flops_ratio"][k], r["opt_time_s"][k])
+                    for k in r["time_s"] if k != "full"]
+            rows.insert(0, ("plain", r["time_s"]["full"], 1.0, 1.0, r["opt_time_s"]["full"]))
+        for k, ts, tr, fr, os_ in rows:
             ok = "" if k != "50%" else ("yes" if tr <= fr + 0.05 else "NO")
-            print(f"{name:<28}{r['what']:<15}{k:>14}{ts:>10.4f}{tr:>12.3f}{fr:>12.3f}{ok:>5}")
+            opt_col = "" if os_ is None else f"{os_:.4f}"
+            print(f"{name:<28}{r['what']:<15}{k:>14}{ts:>10.4f}{tr:>12.3f}{fr:>12.3f}{ok:>5}{opt_col:>13}")
     summary = {k: {"flops_ratio_50": round(v["flops_ratio_50"], 4), "time_ratio_50": round(v["time_ratio_50"], 4)}
                for k, v in results.items()}
     payload = {
