@@ -96,8 +96,7 @@ class Idx:
         """A new tensor of ``shape`` (in ``src``'s memory format) holding ``src`` at the selected
         positions along ``dim`` and zeros elsewhere; each element is written once (no zero fill
         under the copied part)."""
-        fmt = torch.channels_last if _channels_last(src) else torch.contiguous_format
-        out = torch.empty(tuple(shape), dtype=src.dtype, device=src.device, memory_format=fmt)
+        out = torch.empty(tuple(shape), dtype=src.dtype, device=src.device, memory_format=_format_of(src))
         self.put(out, dim, src)
         self.complement().zero(out, dim)
         return out
@@ -139,6 +138,11 @@ class Idx:
 def _channels_last(t: Tensor) -> bool:
     """Whether a 4-D tensor is stored channels-last (NHWC) and not also NCHW-contiguous."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _format_of(t: Tensor) -> torch.memory_format:
+    """``t``'s memory format as far as the sliced layers care: channels-last or contiguous."""
+    return torch.channels_last if _channels_last(t) else torch.contiguous_format
 
 
 def _nhwc_matrix(t: Tensor, dim: int, force: bool = False) -> Tensor | None:
@@ -204,8 +208,7 @@ def _sum_sel(g: Tensor, sel: Idx | None, dims: tuple[int, ...]) -> Tensor:
 
 def _take_channels(sel: Idx, t: Tensor) -> Tensor:
     """``sel``'s channels (dim 1) of ``t`` as a dense tensor in ``t``'s memory format."""
-    fmt = torch.channels_last if _channels_last(t) else torch.contiguous_format
-    return sel.take(t, 1).contiguous(memory_format=fmt)
+    return sel.take(t, 1).contiguous(memory_format=_format_of(t))
 
 
 # --------------------------------------------------------------------------------------- Linear

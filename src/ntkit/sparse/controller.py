@@ -89,6 +89,7 @@ class SparseController:
         self.partition = partition
         self._attached = True
         self._keep_grad_rows = False
+        self._owners: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # param → (owning group ≥ 0, shared)
         m = len(partition)
         self._requested = torch.ones(m, dtype=torch.bool)
         self._pruned = torch.zeros(m, dtype=torch.bool)
@@ -245,7 +246,7 @@ class SparseController:
                 out[name] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
             elif name in self.slicings:
                 sl = self.slicings[name]
-                idx = self._index_mask(sl, act).to(p.device)
+                idx = torch.from_numpy(self._index_mask(sl, act.numpy())).to(p.device)
                 shape = [1] * p.dim()
                 shape[sl.dim] = -1
                 out[name] = idx.view(shape).expand(p.shape).clone()
@@ -303,11 +304,6 @@ class SparseController:
         if not self._attached:
             raise ConfigError("SparseController: detached; call ntkit.sparse.attach again")
 
-    @staticmethod
-    def _index_mask(sl: ParamSlicing, groups: Tensor) -> Tensor:
-        g = sl.group_of
-        return (g < 0) | groups[g.clamp(min=0)]
-
     def _apply(self) -> None:
         params = dict(self.model.named_parameters())
         act, keep = self.active.numpy(), (~self._pruned).numpy()
@@ -325,7 +321,7 @@ class SparseController:
 
         self._active_sel: dict[str, Idx | None] = {}
         for name, sl in self.slicings.items():
-            amask, kmask = self._index_mask_np(sl, act), self._index_mask_np(sl, keep)
+            amask, kmask = self._index_mask(sl, act), self._index_mask(sl, keep)
             self._active_sel[name] = sel(amask)
             params[name].requires_grad_(sl.orig_requires_grad and bool(amask.any()))
             if not sl.orig_requires_grad:
@@ -346,13 +342,13 @@ class SparseController:
                 keep_rows=self._keep_grad_rows,
             )
 
-    def _index_mask_np(self, sl: ParamSlicing, groups: np.ndarray) -> np.ndarray:
-        """:meth:`_index_mask` on the host, in numpy (the owner map cached per parameter)."""
-        cache = self.__dict__.setdefault("_owner_np", {})
-        if sl.name not in cache:
+    def _index_mask(self, sl: ParamSlicing, groups: np.ndarray) -> np.ndarray:
+        """Per index along the sliced dim of ``sl``: True if its group is selected in ``groups``
+        (bool [M]) or it is shared (−1: always trained). On the host, in numpy."""
+        if sl.name not in self._owners:
             g = sl.group_of.cpu().numpy()
-            cache[sl.name] = (np.clip(g, 0, None), g < 0)
-        owner, shared = cache[sl.name]
+            self._owners[sl.name] = (np.clip(g, 0, None), g < 0)
+        owner, shared = self._owners[sl.name]
         return groups[owner] | shared
 
 
