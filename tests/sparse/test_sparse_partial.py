@@ -147,6 +147,8 @@ def test_filter_index_sets_shared_across_a_filters_params() -> None:
     assert conv.w_grad is not None and conv.w_grad is conv.b_grad is bn.w_grad is bn.b_grad
     assert conv.w_grad is ctl.active_sel("0.weight")
     assert conv.w_keep is None and conv.b_keep is None  # nothing pruned: everything computed forward
+    ctl.set_active(torch.arange(len(part)) % 3 != 0)  # the same set again: the same object
+    assert m[0]._ntk_plan.w_grad is conv.w_grad
     ctl.set_active(torch.ones(len(part), dtype=torch.bool))
     assert m[0]._ntk_plan is None  # all active: the native op
 

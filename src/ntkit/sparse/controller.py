@@ -90,6 +90,7 @@ class SparseController:
         self._attached = True
         self._keep_grad_rows = False
         self._owners: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # param → (owning group ≥ 0, shared)
+        self._sets: dict[bytes, Idx | None] = {}  # index sets of the last _apply, by mask bytes
         m = len(partition)
         self._requested = torch.ones(m, dtype=torch.bool)
         self._pruned = torch.zeros(m, dtype=torch.bool)
@@ -308,15 +309,16 @@ class SparseController:
         params = dict(self.model.named_parameters())
         act, keep = self.active.numpy(), (~self._pruned).numpy()
         per_module: dict[str, dict[str, tuple[ParamSlicing, np.ndarray, np.ndarray]]] = {}
-        memo: dict[bytes, Idx | None] = {}
+        last, memo = self._sets, {}
 
         def sel(mask: np.ndarray) -> Idx | None:
             """One Idx per distinct index set: a filter's conv weight, bias and BN affine share it
             (kernels recognise shared sets by identity, e.g. the conv bias gradient fused into the
-            weight gradient's call)."""
+            weight gradient's call), and a set unchanged since the last call keeps its object
+            (SlicedAdamW then keeps its gathered Adam moments)."""
             key = mask.tobytes()
             if key not in memo:
-                memo[key] = Idx.of_mask(mask)
+                memo[key] = last[key] if key in last else Idx.of_mask(mask)
             return memo[key]
 
         self._active_sel: dict[str, Idx | None] = {}
@@ -341,6 +343,7 @@ class SparseController:
                 b_keep=sel(b[2]) if b else None, b_grad=sel(b[1]) if b else None,
                 keep_rows=self._keep_grad_rows,
             )
+        self._sets = memo
 
     def _index_mask(self, sl: ParamSlicing, groups: np.ndarray) -> np.ndarray:
         """Per index along the sliced dim of ``sl``: True if its group is selected in ``groups``
