@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import platform
@@ -256,12 +257,11 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
     m = copy.deepcopy(base)
     part = make_part(m)
     ctl = attach(m, part)
-    masks = [_active_fraction(part, 0.5, seed=s) for s in range(8)]
+    masks = itertools.cycle([_active_fraction(part, 0.5, seed=s) for s in range(8)])
     step50 = _step_fn(m, SlicedAdamW(m, ctl, **OPT), batch, task, opt_t.setdefault("50% resampled", []))
-    turn = iter(range(10**9))
 
     def resampled(ctl: Any = ctl) -> None:
-        ctl.set_active(masks[next(turn) % len(masks)])
+        ctl.set_active(next(masks))
         step50()
 
     steps["50% resampled"], models["50% resampled"] = resampled, m

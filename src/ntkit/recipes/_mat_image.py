@@ -33,7 +33,7 @@ class ImageCompareConfig:
         channels_last: store VGG's weights (hence its activations) channels-last (NHWC), the native
             layout of oneDNN / cuDNN convolutions: faster for every method, and the layout in which
             MAT's filter-sliced backward follows its FLOPs (``bench/partial_backward.py``:
-            Conv2d layer 0.74 vs 0.80 of the full backward in NCHW at 50% active).
+            Conv2d layer 0.75 vs 0.81 of the full backward in NCHW at 50% active).
         vit_dim, vit_depth, vit_heads, vit_patch: vit_tiny settings.
         dataset: "cifar10", "digits", "mnist", …
         train_limit, test_limit: keep the first N samples (0 = all).
