@@ -39,8 +39,8 @@ class Idx:
     def __init__(self, index: Tensor, size: int) -> None:
         self.index = index.to(torch.long).cpu()
         self.size = int(size)
-        # host-side bookkeeping in numpy: index sets change every step under Rand / MAT, and a
-        # handful of tiny torch ops per set cost more than the small layers' kernels
+        # host-side bookkeeping in numpy: every set_active builds index sets, and a handful of
+        # tiny torch ops per set cost more than the small layers' kernels
         ix = self.index.numpy()
         k = ix.size
         self.start = int(ix[0]) if k else 0
