@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ntkit.errors import ConfigError, check
+from ntkit.errors import check
 from ntkit.partition import Partition
 
 __all__ = [
@@ -21,34 +20,12 @@ __all__ = [
     "controller_pruned",
     "generator_state",
     "kind_ids",
-    "make_config",
     "native_layers",
     "overhead",
     "per_kind",
     "set_generator_state",
     "unwrap",
 ]
-
-C = TypeVar("C")
-
-
-def make_config(cls: type[C], config: C | Mapping[str, Any] | None, kw: Mapping[str, Any], method: str) -> C:
-    """Build a config dataclass from an instance, a mapping, or keyword fields (not both).
-
-    Unknown fields raise a one-line :class:`ConfigError` naming the field.
-    """
-    if isinstance(config, cls):
-        if kw:
-            raise ConfigError(f"{method}: pass either config= or fields {sorted(kw)}, not both")
-        return config
-    fields = dict(config or {})
-    fields.update(kw)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for name, value in fields.items():
-        if name not in known:
-            raise ConfigError(f"{method}.{name}={value!r}: unknown field; expected one of {sorted(known)}")
-    return cls(**fields)
-
 
 def per_kind(value: float | Mapping[str, float], kind: str) -> float | None:
     """Resolve a per-kind setting: a number applies to every kind; a mapping to its keys only."""

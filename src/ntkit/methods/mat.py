@@ -39,13 +39,12 @@ from ntkit.methods._common import (
     check_per_kind,
     controller_pruned,
     generator_state,
-    make_config,
     overhead,
     per_kind,
     set_generator_state,
     unwrap,
 )
-from ntkit.methods.base import LoopContext, TrainingMethod, register_method
+from ntkit.methods.base import LoopContext, TrainingMethod, make_config, register_method
 from ntkit.methods.policies import modular_policy, protect, temporal_policy
 from ntkit.partition import Partition
 
@@ -111,7 +110,7 @@ def _tensor(xs: list[float | None]) -> Tensor:
     return torch.tensor([float("nan") if x is None else float(x) for x in xs], dtype=torch.float64)
 
 
-@register_method("mat")
+@register_method("mat", config=MATConfig)
 class MAT(TrainingMethod):
     """Modular Adaptive Training.
 

@@ -65,7 +65,7 @@ class MATPruneConfig(MATConfig):
         )
 
 
-@register_method("mat_prune")
+@register_method("mat_prune", config=MATPruneConfig)
 class MATPrune(MAT):
     """λmax-rank pruning at ``prune_epoch`` followed by MAT on the remaining modules.
 

@@ -27,11 +27,10 @@ from ntkit.methods._common import (
     controller_pruned,
     generator_state,
     kind_ids,
-    make_config,
     set_generator_state,
 )
 from ntkit.methods._selection import check_kinds, governed_mask
-from ntkit.methods.base import LoopContext, TrainingMethod, register_method
+from ntkit.methods.base import LoopContext, TrainingMethod, make_config, register_method
 from ntkit.methods.policies import protect, random_subset
 from ntkit.partition import Partition
 
@@ -75,7 +74,7 @@ class MultirateConfig:
         check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", self.seed, "an integer")
 
 
-@register_method("multirate")
+@register_method("multirate", config=MultirateConfig)
 class Multirate(TrainingMethod):
     """Fast/slow module split with slow modules updated every k steps at k·η.
 

@@ -24,11 +24,10 @@ from ntkit.methods._common import (
     controller_pruned,
     generator_state,
     kind_ids,
-    make_config,
     set_generator_state,
 )
 from ntkit.methods._selection import check_kinds, governed_mask
-from ntkit.methods.base import LoopContext, TrainingMethod, register_method
+from ntkit.methods.base import LoopContext, TrainingMethod, make_config, register_method
 from ntkit.methods.policies import protect, random_subset
 from ntkit.partition import Partition
 
@@ -62,7 +61,7 @@ class RandConfig:
         check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", self.seed, "an integer")
 
 
-@register_method("rand")
+@register_method("rand", config=RandConfig)
 class Rand(TrainingMethod):
     """Random ``fraction`` of modules active, redrawn at each epoch start.
 

@@ -5,13 +5,15 @@ Before the first optimizer step, each module of ``kind`` is scored by
 labelled batches, booked as overhead) and the lowest ``fraction`` are pruned
 (``controller.set_pruned``), keeping ≥ 1 per layer when ``protect``. The rest train normally.
 
-The loss on a labelled batch comes from the loop: pass ``loss_fn=`` (``loss_fn(model)`` → scalar)
-when building the method, e.g. ``build_method("snip_struct", fraction=0.75, loss_fn=fn)``.
+SNIP needs labels: at initialisation (:meth:`SnipStruct.at_init`) it draws ``num_batches``
+labelled batches of ``batch_size`` samples with ``ctx.sample_batch`` (its own generator, seeded
+``ctx.seed · 1000 + 777``, so the training data order is unaffected) and scores them with
+``ctx.loss_fn``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +26,10 @@ from ntkit.methods._common import (
     bool_list,
     broadcast_from_rank0,
     controller_pruned,
-    make_config,
     overhead,
     unwrap,
 )
-from ntkit.methods.base import LoopContext, TrainingMethod, register_method
+from ntkit.methods.base import LoopContext, TrainingMethod, make_config, register_method
 from ntkit.methods.policies import prune_lowest
 from ntkit.methods.scores import snip_scores
 from ntkit.partition import Partition
@@ -45,12 +46,14 @@ class SnipStructConfig:
         kind: the module kind scored and pruned (e.g. ``"head"``).
         num_batches: ≥ 1 labelled batches whose averaged gradient gives the scores.
         protect: keep ≥ 1 module per layer.
+        batch_size: samples per scoring batch (0 = the loop's batch size).
     """
 
     fraction: float = 0.5
     kind: str = "head"
     num_batches: int = 1
     protect: bool = True
+    batch_size: int = 0
 
     def __post_init__(self) -> None:
         ok = isinstance(self.fraction, (int, float)) and not isinstance(self.fraction, bool)
@@ -59,15 +62,16 @@ class SnipStructConfig:
         ok = isinstance(self.num_batches, int) and not isinstance(self.num_batches, bool)
         check(ok and self.num_batches >= 1, "num_batches", self.num_batches, "an integer >= 1")
         check(isinstance(self.protect, bool), "protect", self.protect, "a bool")
+        ok = isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
+        check(ok and self.batch_size >= 0, "batch_size", self.batch_size, "an integer >= 0")
 
 
-@register_method("snip_struct")
+@register_method("snip_struct", config=SnipStructConfig)
 class SnipStruct(TrainingMethod):
-    """Prune the lowest-SNIP-score modules once, before the first step.
+    """Prune the lowest-SNIP-score modules once, at initialisation.
 
     Args:
         config: a :class:`SnipStructConfig` or a mapping of its fields (or the fields as keywords).
-        loss_fn: ``loss_fn(model)`` → scalar loss on one labelled batch (required before step 0).
 
     ``history`` gets ``{"event": "prune", "epoch", "step", "criterion": "snip", "scores":
     {module: s}, "pruned": [module, …]}``.
@@ -78,13 +82,10 @@ class SnipStruct(TrainingMethod):
     def __init__(
         self,
         config: SnipStructConfig | Mapping[str, Any] | None = None,
-        *,
-        loss_fn: Callable[[nn.Module], Tensor] | None = None,
         **kw: Any,
     ) -> None:
         super().__init__()
         self.config = make_config(SnipStructConfig, config, kw, self.name)
-        self.loss_fn = loss_fn
         self.done = False
         self.pruned: Tensor | None = None
 
@@ -106,22 +107,27 @@ class SnipStruct(TrainingMethod):
         )
         return mask
 
-    def before_step(self, ctx: LoopContext) -> None:
+    def at_init(self, ctx: LoopContext) -> None:
         if not self.done:
             self.prune(ctx)
 
     def prune(self, ctx: LoopContext) -> Tensor:
         """Score, prune and activate the rest; returns the pruned set (bool [M])."""
         assert self.partition is not None, "bind() first"
-        if self.loss_fn is None:
-            raise ConfigError("snip_struct.loss_fn=None: expected a callable loss_fn(model) -> scalar loss")
+        if ctx.loss_fn is None or ctx.sample_batch is None:
+            raise ConfigError("snip_struct: the loop context has no loss_fn / sample_batch (SNIP needs labels)")
+        gen = torch.Generator().manual_seed(ctx.seed * 1000 + 777)
+        n = self.config.batch_size or ctx.batch_size
+
+        def loss_fn(model: nn.Module) -> Tensor:
+            return ctx.loss_fn(model, ctx.sample_batch(n, gen))  # type: ignore[misc]
         m = len(self.partition)
         old = controller_pruned(self.controller, m)
         eligible = self._kind_mask() & ~old
         apply_active(self.controller, ~old)  # every unpruned module gets its gradient scored
         with overhead(ctx):
             score = snip_scores(
-                unwrap(ctx.model), self.partition, self.loss_fn, num_batches=self.config.num_batches
+                unwrap(ctx.model), self.partition, loss_fn, num_batches=self.config.num_batches
             )
         score = broadcast_from_rank0(score)
         new = prune_lowest(

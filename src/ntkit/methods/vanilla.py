@@ -8,8 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from ntkit.methods._common import apply_active, controller_pruned, make_config
-from ntkit.methods.base import TrainingMethod, register_method
+from ntkit.methods._common import apply_active, controller_pruned
+from ntkit.methods.base import TrainingMethod, make_config, register_method
 from ntkit.partition import Partition
 
 __all__ = ["Vanilla", "VanillaConfig"]
@@ -20,7 +20,7 @@ class VanillaConfig:
     """Vanilla has no settings (the dataclass exists so every method is built the same way)."""
 
 
-@register_method("vanilla")
+@register_method("vanilla", config=VanillaConfig)
 class Vanilla(TrainingMethod):
     """Full training: at ``bind`` every unpruned module is made active; nothing changes after."""
 
