@@ -5,7 +5,8 @@
     ntkit ls [models|datasets|methods|recipes]
     ntkit demo [--out DIR] [--data-dir DIR] [--tier T] [key=value ...]
     ntkit run RECIPE [--tier {ci,quick,cpu,paper}] [--data-dir DIR] [--out DIR] [--config FILE.yaml]
-                     [--dry-run] [key=value ...]
+                     [--resume] [--dry-run] [key=value ...]
+    torchrun --standalone --nproc_per_node N -m ntkit run RECIPE ...   (data-parallel; rank 0 writes)
     ntkit bench {ntk,backward} [args ...]
     ntkit report RUN_DIR
 
@@ -98,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML mapping of config overrides (nested mappings = dotted keys); command-line key=value wins",
     )
     run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest good checkpoints (same recipe, tier and overrides); "
+        "finished (method, seed) runs are not trained again",
+    )
+    run.add_argument(
         "--dry-run",
         action="store_true",
         help="print the fully resolved config as JSON and exit without running",
@@ -176,10 +183,14 @@ def _print_tables(doc: dict) -> None:
         print(f"- {note}")
 
 
-def _run(recipe: str, tier: str, out: str, data_dir: str | None, overrides: Sequence[str]) -> int:
+def _run(recipe: str, tier: str, out: str, data_dir: str | None, overrides: Sequence[str],
+         resume: bool = False) -> int:
     from ntkit.recipes import run_recipe
+    from ntkit.train import dist
 
-    doc = run_recipe(recipe, tier, out, data_dir=data_dir, overrides=overrides)
+    doc = run_recipe(recipe, tier, out, data_dir=data_dir, overrides=overrides, resume=resume)
+    if not dist.is_main():
+        return 0
     _print_tables(doc)
     print(f"\nwrote {Path(out) / 'report.md'} ({doc['wall_clock_s']:.1f} s)")
     return 0
@@ -203,7 +214,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     data_dir = args.data_dir if args.data_dir is not None else os.environ.get("NTKIT_DATA_DIR") or None
     out = args.out or str(Path("runs") / f"{args.recipe}-{args.tier}")
-    return _run(args.recipe, args.tier, out, data_dir, [f"{k}={v}" for k, v in overrides.items()])
+    return _run(args.recipe, args.tier, out, data_dir, [f"{k}={v}" for k, v in overrides.items()],
+                resume=args.resume)
 
 
 def _bench_dir() -> Path:

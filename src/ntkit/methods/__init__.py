@@ -6,6 +6,7 @@ config dataclass::
     from ntkit.methods import build_method, list_methods
     list_methods()  # ['mat', 'mat_prune', 'multirate', 'rand', 'snip_struct', 'vanilla']
     mat = build_method("mat", alpha={"head": 0.1}, beta=1e-3, start_epoch=5, interval=8)
+    cfg = method_config("mat", {"alpha": 0.2})   # the validated MATConfig; one-line ConfigError if bad
 
 Pure decision rules live in :mod:`ntkit.methods.policies`, importance scores in
 :mod:`ntkit.methods.scores`.
@@ -18,8 +19,11 @@ from ntkit.methods.base import (
     METHODS,
     LoopContext,
     TrainingMethod,
+    MethodInfo,
     build_method,
     list_methods,
+    method_config,
+    method_info,
     register_method,
 )
 from ntkit.methods.mat import MAT, MATConfig
@@ -38,6 +42,7 @@ __all__ = [
     "MATConfig",
     "MATPrune",
     "MATPruneConfig",
+    "MethodInfo",
     "Multirate",
     "MultirateConfig",
     "Rand",
@@ -49,6 +54,8 @@ __all__ = [
     "VanillaConfig",
     "build_method",
     "list_methods",
+    "method_config",
+    "method_info",
     "modular_policy",
     "ntk_lambda_max",
     "policies",

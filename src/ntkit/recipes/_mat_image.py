@@ -1,8 +1,7 @@
 """Shared body of the image-classification MAT recipes (mat-vgg, demo).
 
-:class:`ImageCompareConfig` → :func:`build_image_task` (an
-:class:`~ntkit.recipes._tasks.ImageTask` with a validation split held out of train) and
-:func:`image_method_specs`; after :func:`ntkit.recipes._loop.compare`,
+:class:`ImageCompareConfig` → :func:`build_image_task` (an :class:`~ntkit.harness.ImageTask` with a
+validation split held out of train), whose ``methods`` are trained by :func:`ntkit.harness.compare`; then
 :func:`add_train_acc_compute` fills each record's ``compute_to_train_acc`` (seed 001 Table 3:
 FLOPs until the training accuracy first reaches 95 % / 99 %).
 """
@@ -16,11 +15,10 @@ from typing import Any
 import torch
 
 from ntkit.errors import check
-from ntkit.recipes._loop import LoopConfig, MethodSpec, comparison_specs
-from ntkit.recipes._tasks import ImageTask
+from ntkit.harness import ImageTask, LoopConfig, MethodEntry
+from ntkit.recipes._mat_mlm import mat_methods
 
-__all__ = ["ImageCompareConfig", "add_train_acc_compute", "build_image_task", "image_method_specs",
-           "run_image_comparison"]
+__all__ = ["ImageCompareConfig", "add_train_acc_compute", "build_image_task", "run_image_comparison"]
 
 
 @dataclass
@@ -39,12 +37,9 @@ class ImageCompareConfig:
         train_limit, test_limit: keep the first N samples (0 = all).
         val_frac: share of train held out for validation (best-val checkpoint, val curves).
         augment: random crop (pad 4) + horizontal flip on training batches (CIFAR recipe).
-        methods: subset of vanilla, rand, multirate, mat ("vanilla" required).
+        methods: ``{label: MethodEntry}`` (:mod:`ntkit.harness.compose`); "vanilla" is the baseline
+            and must be present.
         seeds: seeds (init, data order).
-        alpha, beta: MAT's α (for the model's module kind) and β.
-        ntk_samples: S.
-        start_epoch, interval: MAT schedule in epochs.
-        multirate_k, rand_fraction: baseline settings.
         acc_thresholds: training-accuracy targets for ``compute_to_train_acc`` (fractions).
         paper_numbers: path of paper_numbers.json ("" = ``<data_dir>/../reference/``).
         loop: :class:`LoopConfig`.
@@ -62,15 +57,8 @@ class ImageCompareConfig:
     test_limit: int = 0
     val_frac: float = 0.1
     augment: bool = True
-    methods: tuple[str, ...] = ("vanilla", "rand", "multirate", "mat")
+    methods: dict[str, MethodEntry] = field(default_factory=lambda: mat_methods(0.2, beta=1e-6))
     seeds: tuple[int, ...] = (0,)
-    alpha: float = 0.2
-    beta: float = 1e-6
-    ntk_samples: int = 64
-    start_epoch: int = 2
-    interval: int = 2
-    multirate_k: int = 5
-    rand_fraction: float = 0.5
     acc_thresholds: tuple[float, ...] = (0.95, 0.99)
     paper_numbers: str = ""
     loop: LoopConfig = field(default_factory=LoopConfig)
@@ -79,15 +67,9 @@ class ImageCompareConfig:
         check(self.model in ("vgg16", "vit_tiny"), "model", self.model, "vgg16 or vit_tiny")
         check(self.width > 0, "width", self.width, "a number > 0")
         check(0 < self.val_frac < 1, "val_frac", self.val_frac, "a fraction in (0, 1)")
-        check("vanilla" in self.methods, "methods", self.methods, "a list that includes vanilla (the baseline)")
-        for m in self.methods:
-            check(m in ("vanilla", "rand", "multirate", "mat"), "methods", m, "vanilla, rand, multirate or mat")
+        check(isinstance(self.methods, dict) and "vanilla" in self.methods, "methods", list(self.methods),
+              "labels that include vanilla (the baseline)")
         check(len(self.seeds) >= 1, "seeds", self.seeds, "at least one seed")
-        check(0 <= self.alpha <= 1, "alpha", self.alpha, "a number in [0, 1]")
-        check(self.beta >= 0, "beta", self.beta, "a number >= 0")
-        check(self.ntk_samples >= 2, "ntk_samples", self.ntk_samples, "an integer >= 2")
-        check(self.start_epoch >= 1, "start_epoch", self.start_epoch, "an integer >= 1")
-        check(self.interval >= 1, "interval", self.interval, "an integer >= 1")
         check(all(0 < t <= 1 for t in self.acc_thresholds), "acc_thresholds", self.acc_thresholds,
               "fractions in (0, 1]")
 
@@ -95,14 +77,6 @@ class ImageCompareConfig:
     def kind(self) -> str:
         """The module kind MAT governs: "filter" (vgg16) or "head" (vit_tiny)."""
         return "filter" if self.model == "vgg16" else "head"
-
-
-def image_method_specs(cfg: ImageCompareConfig, seed: int = 0) -> list[MethodSpec]:
-    """The methods of ``cfg.methods`` (seeded with ``seed``)."""
-    mat_kw = {"alpha": {cfg.kind: cfg.alpha}, "beta": cfg.beta, "num_samples": cfg.ntk_samples,
-              "start_epoch": cfg.start_epoch, "interval": cfg.interval, "seed": seed}
-    return comparison_specs(cfg.methods, seed, rand_fraction=cfg.rand_fraction, multirate_k=cfg.multirate_k,
-                            mat_kw=mat_kw, other=lambda lab: MethodSpec("mat", mat_kw, lab))
 
 
 def _crop_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -180,11 +154,11 @@ def add_train_acc_compute(records: list[dict], thresholds: tuple[float, ...]) ->
 def run_image_comparison(cfg: ImageCompareConfig, out_dir: Path, data_dir: Path | None, *, title: str,
                          paper_key: str | None, threshold_note: str = "") -> dict:
     """Train ``cfg.methods`` × ``cfg.seeds`` on the image task; return the results document."""
-    from ntkit.recipes._loop import compare
-    from ntkit.recipes._mat_report import comparison_result, find_paper_numbers
+    from ntkit.harness import compare
+    from ntkit.recipes.report import comparison_result, find_paper_numbers
 
     task, note = build_image_task(cfg, data_dir)
-    records = compare(task, lambda s: image_method_specs(cfg, s), cfg.loop, cfg.seeds, out_dir)
+    records = compare(task, cfg.methods, cfg.loop, cfg.seeds)
     add_train_acc_compute(records, cfg.acc_thresholds)
     cols: list[tuple[str, str, int | None, str]] = [
         (f"compute to train acc {round(100 * t)}%", "compute_to_train_acc", i, "flops")

@@ -1,12 +1,10 @@
 """Shared body of the MLM MAT recipes (mat-bert, mat-switch, mat-prune, mat-scale).
 
 A :class:`MLMCompareConfig` says which model, data, loop hyper-parameters and methods to run;
-:func:`build_mlm_task` turns it into an :class:`~ntkit.recipes._tasks.MLMTask` and
-:func:`method_specs` into the methods, all trained by :func:`ntkit.recipes._loop.compare`.
-
-Method labels understood by ``methods``: ``vanilla``, ``rand``, ``multirate``, ``mat``,
-``mat_prune_<p>`` (prune p % of heads by λmax, then MAT) and ``snip_<p>`` (structured SNIP at
-init, p % of heads pruned) — e.g. ``methods=vanilla,snip_50,snip_75,mat_prune_50``.
+:func:`build_mlm_task` turns it into an :class:`~ntkit.harness.MLMTask`, and
+:func:`ntkit.harness.compare` trains every method of ``cfg.methods`` (``{label: MethodEntry}``,
+see :mod:`ntkit.harness.compose`) on it — e.g. ``methods.mat.alpha={"head":0.2}`` or
+``methods=vanilla,mat`` on the command line.
 """
 
 from __future__ import annotations
@@ -18,12 +16,33 @@ from typing import Any
 import torch
 
 from ntkit.errors import check
-from ntkit.recipes._loop import LoopConfig, MethodSpec, comparison_specs
-from ntkit.recipes._tasks import MLMTask
+from ntkit.harness import LoopConfig, MethodEntry, MLMTask, methods_of
 
-__all__ = ["KNOWN_METHODS", "MLMCompareConfig", "build_mlm_task", "method_specs"]
+__all__ = ["MLMCompareConfig", "build_mlm_task", "mat_methods"]
 
-KNOWN_METHODS = ("vanilla", "rand", "multirate", "mat")
+
+def mat_methods(
+    alpha: float | dict[str, float] = 0.1,
+    *,
+    beta: float = 1e-3,
+    num_samples: int = 64,
+    start_epoch: int = 5,
+    interval: int = 8,
+    rand_fraction: float = 0.5,
+    multirate_k: int = 5,
+    labels: tuple[str, ...] = ("vanilla", "rand", "multirate", "mat"),
+    per_layer: bool = False,
+) -> dict[str, MethodEntry]:
+    """The MAT comparison of seed 000/001: vanilla, Rand, Multirate and MAT with these settings
+    (``per_layer``: Rand / Multirate draw within each layer, the VGG reading)."""
+    spec = {
+        "vanilla": {"method": "vanilla"},
+        "rand": {"method": "rand", "fraction": rand_fraction, "per_layer": per_layer},
+        "multirate": {"method": "multirate", "k": multirate_k, "per_layer": per_layer},
+        "mat": {"method": "mat", "alpha": alpha, "beta": beta, "num_samples": num_samples,
+                "start_epoch": start_epoch, "interval": interval},
+    }
+    return methods_of({lab: spec[lab] for lab in labels})
 
 
 @dataclass
@@ -41,14 +60,9 @@ class MLMCompareConfig:
         dropout: model dropout (training only; evaluation and mNTK run in eval mode).
         aux_weight: weight of the Switch load-balancing loss.
         kinds: module kinds to partition: "head" or "head+expert".
-        methods: method labels (see the module docstring); "vanilla" must be one of them.
+        methods: ``{label: MethodEntry}`` — the methods compared (method settings live in each
+            method's config); the label "vanilla" is the baseline and must be present.
         seeds: seeds; each seed fixes init, data order and masks, identical for every method.
-        alpha_head, alpha_expert: MAT's α per kind.
-        beta: MAT's temporal-policy β.
-        ntk_samples: S, samples per mNTK evaluation.
-        start_epoch, interval: MAT schedule in epochs (first evaluation after ``start_epoch`` epochs).
-        prune_epoch: mat_prune's pruning epoch; prune_alpha: its MAT α for heads.
-        multirate_k: Multirate's k; rand_fraction: share of modules Rand updates.
         paper_numbers: path of paper_numbers.json ("" = ``<data_dir>/../reference/``).
         loop: the training-loop hyper-parameters (:class:`LoopConfig`).
     """
@@ -65,18 +79,8 @@ class MLMCompareConfig:
     dropout: float = 0.1
     aux_weight: float = 0.01
     kinds: str = "head"
-    methods: tuple[str, ...] = KNOWN_METHODS
+    methods: dict[str, MethodEntry] = field(default_factory=mat_methods)
     seeds: tuple[int, ...] = (0,)
-    alpha_head: float = 0.1
-    alpha_expert: float = 0.2
-    beta: float = 1e-3
-    ntk_samples: int = 64
-    start_epoch: int = 5
-    interval: int = 8
-    prune_epoch: int = 15
-    prune_alpha: float = 0.2
-    multirate_k: int = 5
-    rand_fraction: float = 0.5
     paper_numbers: str = ""
     loop: LoopConfig = field(default_factory=LoopConfig)
 
@@ -87,45 +91,8 @@ class MLMCompareConfig:
               "head for a dense model (experts need switch_mlm)")
         check(self.seq_len >= 8, "seq_len", self.seq_len, "an integer >= 8")
         check(len(self.seeds) >= 1, "seeds", self.seeds, "at least one seed")
-        check("vanilla" in self.methods, "methods", self.methods, "a list that includes vanilla (the baseline)")
-        for m in self.methods:
-            ok = m in KNOWN_METHODS or _pct_suffix(m, "snip_") is not None or _pct_suffix(m, "mat_prune_") is not None
-            check(ok, "methods", m, "vanilla, rand, multirate, mat, snip_<pct> or mat_prune_<pct>")
-        for name in ("alpha_head", "alpha_expert", "prune_alpha", "rand_fraction"):
-            v = getattr(self, name)
-            check(0.0 <= v <= 1.0, name, v, "a number in [0, 1]")
-        check(self.beta >= 0, "beta", self.beta, "a number >= 0")
-        check(self.ntk_samples >= 2, "ntk_samples", self.ntk_samples, "an integer >= 2")
-        check(self.start_epoch >= 1, "start_epoch", self.start_epoch, "an integer >= 1")
-        check(self.interval >= 1, "interval", self.interval, "an integer >= 1")
-        check(self.multirate_k >= 1, "multirate_k", self.multirate_k, "an integer >= 1")
-
-
-def _pct_suffix(label: str, prefix: str) -> float | None:
-    if not label.startswith(prefix):
-        return None
-    tail = label[len(prefix):]
-    return int(tail) / 100.0 if tail.isdigit() and 0 < int(tail) < 100 else None
-
-
-def method_specs(cfg: MLMCompareConfig, seed: int = 0) -> list[MethodSpec]:
-    """The methods of ``cfg.methods`` with the recipe's settings (all seeded with ``seed``)."""
-    alpha: dict[str, float] = {"head": cfg.alpha_head}
-    if cfg.kinds == "head+expert":
-        alpha["expert"] = cfg.alpha_expert
-    mat_kw: dict[str, Any] = {"alpha": alpha, "beta": cfg.beta, "num_samples": cfg.ntk_samples,
-                                  "start_epoch": cfg.start_epoch, "interval": cfg.interval, "seed": seed}
-
-    def other(lab: str) -> MethodSpec | None:
-        if (p := _pct_suffix(lab, "mat_prune_")) is not None:
-            kw = dict(mat_kw, alpha={"head": cfg.prune_alpha}, prune_epoch=cfg.prune_epoch, prune_fraction=p)
-            return MethodSpec("mat_prune", kw, lab)
-        if (p := _pct_suffix(lab, "snip_")) is not None:
-            return MethodSpec("snip_struct", {"fraction": p, "kind": "head"}, lab)
-        return None
-
-    return comparison_specs(cfg.methods, seed, rand_fraction=cfg.rand_fraction, multirate_k=cfg.multirate_k,
-                            mat_kw=mat_kw, other=other)
+        check(isinstance(self.methods, dict) and "vanilla" in self.methods, "methods", list(self.methods),
+              "labels that include vanilla (the baseline)")
 
 
 def _partition_fn(kinds: str):
@@ -206,11 +173,11 @@ def run_mlm_comparison(
     mat_label: str | None = "mat",
 ) -> dict:
     """Train ``cfg.methods`` × ``cfg.seeds`` on the MLM task and return the results document."""
-    from ntkit.recipes._loop import compare
-    from ntkit.recipes._mat_report import comparison_result, find_paper_numbers
+    from ntkit.harness import compare
+    from ntkit.recipes.report import comparison_result, find_paper_numbers
 
     task, note = build_mlm_task(cfg, data_dir)
-    records = compare(task, lambda s: method_specs(cfg, s), cfg.loop, cfg.seeds, out_dir)
+    records = compare(task, cfg.methods, cfg.loop, cfg.seeds)
     cols = columns if columns is not None else budget_columns(cfg.loop.budget_fracs) + MLM_COLUMNS
     notes = [
         f"Data: {note}.",

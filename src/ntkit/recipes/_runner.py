@@ -17,6 +17,8 @@ import importlib
 import json
 import math
 import platform
+import shutil
+import tempfile
 import time
 import types
 import typing
@@ -311,6 +313,14 @@ def _parse(text: str, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}={text!r}: cannot parse a value of type {_type_name(tp)} from the command line")
 
 
+def _is_methods_field(tp: Any) -> bool:
+    """Whether a config field is a ``dict[str, MethodEntry]`` (a recipe's composed methods)."""
+    from ntkit.harness.compose import MethodEntry
+
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is dict and len(args) == 2 and args[1] is MethodEntry
+
+
 def _fields(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
@@ -331,13 +341,21 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, str] | Iterable[str]) -> A
         overrides = parse_overrides(overrides)
     grouped: dict[str, Any] = {}
     nested: dict[str, dict[str, str]] = {}
+    composed: dict[str, tuple[str | None, dict[str, str]]] = {}
     fields = _fields(type(cfg))
     for key, text in overrides.items():
         head, _, rest = key.partition(".")
         if head not in fields:
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{key}={text!r}: unknown config key; known keys: {known}")
-        if rest:
+        if _is_methods_field(fields[head]):  # methods=a,b / methods.<label>.<field>=v
+            sel, sub = composed.get(head, (None, {}))
+            if rest:
+                sub[rest] = text
+            else:
+                sel = text
+            composed[head] = (sel, sub)
+        elif rest:
             sub = getattr(cfg, head)
             if not dataclasses.is_dataclass(sub):
                 raise ConfigError(f"{key}={text!r}: {head} has no fields")
@@ -349,6 +367,10 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, str] | Iterable[str]) -> A
             grouped[head] = apply_overrides(getattr(cfg, head), sub_over)
         except ConfigError as e:
             raise ConfigError(f"{head}.{e}") from None
+    for head, (sel, sub) in composed.items():
+        from ntkit.harness.compose import apply_method_overrides
+
+        grouped[head] = apply_method_overrides(getattr(cfg, head), sel, sub, _parse)
     try:
         return dataclasses.replace(cfg, **grouped)
     except ConfigError:
@@ -368,8 +390,11 @@ def resolve_config(recipe: Recipe | str, tier: str, overrides: Mapping[str, str]
 def to_jsonable(obj: Any) -> Any:
     """Recursively convert dataclasses, tuples, Paths, enums, numpy/torch scalars and arrays to JSON.
 
-    Non-finite floats are kept (Python's json writes them as ``NaN``/``Infinity``).
+    Non-finite floats are kept (Python's json writes them as ``NaN``/``Infinity``). Objects with a
+    ``to_jsonable()`` method (e.g. :class:`ntkit.harness.MethodEntry`) convert themselves.
     """
+    if hasattr(obj, "to_jsonable") and not isinstance(obj, type):
+        return obj.to_jsonable()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
@@ -439,13 +464,29 @@ def run_recipe(
     out_dir: str | Path,
     data_dir: str | Path | None = None,
     overrides: Mapping[str, str] | Iterable[str] = (),
+    *,
+    resume: bool = False,
 ) -> dict:
     """Run ``recipe`` at ``tier`` into ``out_dir``; return the ``results.json`` document.
 
     Steps: resolve + validate the config (ConfigError on bad tier/override), check ``data_dir``
-    (DataError if given but not a directory), write ``config.json``, call the recipe, write
-    ``results.json`` and ``report.md``.
+    (DataError if given but not a directory), check ``out_dir`` (below), write ``config.json``,
+    call the recipe inside a :func:`ntkit.harness.run_context` (checkpoints in
+    ``out_dir/checkpoints``, metrics in ``out_dir/metrics.jsonl``), write ``results.json`` and
+    ``report.md``.
+
+    ``out_dir`` rules (no run ever loses a checkpoint): without ``resume``, a directory holding
+    the checkpoints of an unfinished run (no ``results.json``) is refused, and a finished run's
+    directory is reused (its checkpoints and results replaced); with ``resume``,
+    ``out_dir/config.json`` must exist and hold the same recipe, tier and resolved config.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialised here (gloo on CPU,
+    NCCL on GPU); every rank trains its shard of each batch, only rank 0 writes; ``results.json``
+    records ``distributed: {world_size, backend}``.
     """
+    from ntkit.harness import run_context
+    from ntkit.train import dist
+
     rec = get_recipe(recipe) if isinstance(recipe, str) else recipe
     if not isinstance(overrides, Mapping):
         overrides = parse_overrides(overrides)
@@ -459,31 +500,97 @@ def run_recipe(
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={str(out_dir)!r}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    config = config_to_dict(cfg)
+    _check_out_dir(out, rec.name, tier, config, resume)
+    dist.init_from_env()
+    main = dist.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and (out / "checkpoints").is_dir():  # a finished run's: replaced by this one
+            shutil.rmtree(out / "checkpoints")
+    dist.barrier()
     out = out.resolve()
     header = {
         "recipe": rec.name,
         "tier": tier,
-        "config": config_to_dict(cfg),
+        "config": config,
         "overrides": dict(overrides),
         "data_dir": str(data_path) if data_path else None,
         "versions": _versions(),
         "started_utc": _now(),
     }
-    write_json(out / "config.json", header)
+    if main and not (resume and (out / "config.json").is_file()):
+        write_json(out / "config.json", header)
+    distributed = {"world_size": dist.world_size(), "backend": _backend()}
+    # ranks other than 0 write their plots and reports into a scratch directory that is dropped
+    scratch = None if main else tempfile.TemporaryDirectory(prefix=f"ntkit-rank{dist.rank()}-")
+    logger = None
     t0 = time.perf_counter()
-    results = rec.fn(cfg, out, data_path)
+    try:
+        if main:
+            from ntkit.train.log import MetricsLogger
+
+            logger = MetricsLogger(out / "metrics.jsonl", tensorboard=None)
+        with run_context(out / "checkpoints", resume=resume, logger=logger):
+            results = rec.fn(cfg, out if main else Path(scratch.name), data_path)  # type: ignore[union-attr]
+    finally:
+        if logger is not None:
+            logger.close()
+        if scratch is not None:
+            scratch.cleanup()
     wall = time.perf_counter() - t0
     if not isinstance(results, Mapping):
         raise TypeError(f"recipe {rec.name!r} returned {type(results).__name__}, expected a dict")
-    doc = {**header, "results": to_jsonable(results), "wall_clock_s": wall, "finished_utc": _now()}
-    write_json(out / "results.json", doc)
-    _write_report(rec, doc, out)
+    doc = {**header, "results": to_jsonable(results), "distributed": distributed, "wall_clock_s": wall,
+           "finished_utc": _now()}
+    if main:
+        write_json(out / "results.json", doc)
+        _write_report(rec, doc, out)
+    dist.barrier()
     return doc
 
 
+def _backend() -> str | None:
+    from ntkit.train import dist
+
+    if not dist.is_distributed():
+        return None
+    import torch.distributed as tdist
+
+    return str(tdist.get_backend())
+
+
+def _check_out_dir(out: Path, recipe: str, tier: str, config: dict, resume: bool) -> None:
+    """Refuse an ``out`` that would lose or mix runs (see :func:`run_recipe`)."""
+    ckpts = out / "checkpoints"
+    has_ckpts = ckpts.is_dir() and any(ckpts.rglob("*.pt"))
+    if not resume:
+        if has_ckpts and not (out / "results.json").is_file():
+            raise ConfigError(
+                f"out={str(out)!r}: holds checkpoints of an unfinished run; pass --resume to continue it "
+                "or choose another --out"
+            )
+        return
+    cfg_path = out / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"resume: out={str(out)!r} has no config.json (not a run directory of `ntkit run`)")
+    prev = _read_json(cfg_path)
+    if prev.get("recipe") != recipe or prev.get("tier") != tier:
+        raise ConfigError(
+            f"resume: out={str(out)!r} holds a run of recipe {prev.get('recipe')!r} tier {prev.get('tier')!r}, "
+            f"not {recipe!r} tier {tier!r}; choose another --out"
+        )
+    if json.loads(json.dumps(prev.get("config"))) != json.loads(json.dumps(config)):
+        diff = sorted(k for k in set(prev.get("config", {})) | set(config)
+                      if prev.get("config", {}).get(k) != config.get(k))
+        raise ConfigError(
+            f"resume: out={str(out)!r} was run with another config (differs in {', '.join(diff)}); "
+            "resume with the same overrides or choose another --out"
+        )
+
+
 def _write_report(rec: Recipe | None, doc: dict, out: Path) -> Path:
-    from ntkit.recipes._report import render_report
+    from ntkit.recipes.report import render_report
     from ntkit.train.checkpoint import atomic_write_text
 
     text = rec.report(doc, out) if rec is not None and rec.report is not None else render_report(doc, out)

@@ -14,25 +14,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from ntkit.recipes import register_recipe
-from ntkit.recipes._loop import LoopConfig
-from ntkit.recipes._mat_mlm import MLMCompareConfig, run_mlm_comparison
+from ntkit.harness import LoopConfig
+from ntkit.recipes._mat_mlm import MLMCompareConfig, mat_methods, run_mlm_comparison
 
 __all__ = ["TIERS", "mat_bert"]
 
 TIERS = {
     "ci": MLMCompareConfig(
         size="tiny", seq_len=16, vocab_size=600, train_blocks=96, val_blocks=32, test_blocks=32,
-        ntk_samples=8, start_epoch=1, interval=1,
+        methods=mat_methods(0.1, num_samples=8, start_epoch=1, interval=1),
         loop=LoopConfig(epochs=2, batch_size=8, lr=1e-3, steps_per_epoch=4, eval_every=2, progress=False),
     ),
     "quick": MLMCompareConfig(
         size="mini", seq_len=64, vocab_size=8000, val_blocks=256, test_blocks=512,
-        ntk_samples=64, start_epoch=3, interval=3,
+        methods=mat_methods(0.1, num_samples=64, start_epoch=3, interval=3),
         loop=LoopConfig(epochs=12, batch_size=16, lr=1e-3, steps_per_epoch=100, eval_every=100, warmup_steps=100),
     ),
     "cpu": MLMCompareConfig(
         size="mini", seq_len=128, vocab_size=8000, seeds=(0, 1, 2),
-        ntk_samples=64, start_epoch=3, interval=3,
+        methods=mat_methods(0.1, num_samples=64, start_epoch=3, interval=3),
         loop=LoopConfig(epochs=24, batch_size=16, lr=5e-4, steps_per_epoch=100, eval_every=50, warmup_steps=100),
     ),
     # seed 000 Table 4 (BERT column). Adam [ε, β1, β2] is transcribed as [1e-6, 0, 0] — garbled in
@@ -40,7 +40,7 @@ TIERS = {
     # (WikiText-2 train at T=512, batch 8); offline only the smaller split note's train text exists.
     "paper": MLMCompareConfig(
         size="base", seq_len=512, vocab_size=30000, seeds=(0, 1, 2),
-        ntk_samples=64, start_epoch=5, interval=8, alpha_head=0.1, beta=1e-3,
+        methods=mat_methods(0.1, beta=1e-3, num_samples=64, start_epoch=5, interval=8),
         loop=LoopConfig(epochs=24, batch_size=8, lr=2e-4, eps=1e-6, schedule="linear", steps_per_epoch=500,
                         eval_every=250, budget_fracs=(0.35, 0.52, 0.70)),
     ),

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from ntkit.errors import check
 from ntkit.recipes import register_recipe
-from ntkit.recipes._loop import LoopConfig, compare
-from ntkit.recipes._mat_mlm import MLMCompareConfig, build_mlm_task, method_specs
+from ntkit.harness import LoopConfig, compare
+from ntkit.recipes._mat_mlm import MLMCompareConfig, build_mlm_task, mat_methods
 
 __all__ = ["TIERS", "ScaleConfig", "mat_scale"]
 
@@ -35,33 +35,35 @@ class ScaleConfig:
         check(len(self.sizes) >= 1, "sizes", self.sizes, "at least one BERT size")
 
 
-def _mlm(**kw: object) -> MLMCompareConfig:
-    return MLMCompareConfig(methods=("vanilla", "mat"), **kw)  # type: ignore[arg-type]
+def _mlm(num_samples: int, start_epoch: int, interval: int, **kw: object) -> MLMCompareConfig:
+    methods = mat_methods(0.1, num_samples=num_samples, start_epoch=start_epoch, interval=interval,
+                          labels=("vanilla", "mat"))
+    return MLMCompareConfig(methods=methods, **kw)  # type: ignore[arg-type]
 
 
 TIERS = {
     "ci": ScaleConfig(
         sizes=("tiny",),
-        mlm=_mlm(seq_len=16, vocab_size=600, train_blocks=96, val_blocks=32, test_blocks=32, ntk_samples=8,
+        mlm=_mlm(seq_len=16, vocab_size=600, train_blocks=96, val_blocks=32, test_blocks=32, num_samples=8,
                  start_epoch=1, interval=1,
                  loop=LoopConfig(epochs=2, batch_size=8, lr=1e-3, steps_per_epoch=4, eval_every=2, progress=False)),
     ),
     "quick": ScaleConfig(
         sizes=("tiny", "mini"),
-        mlm=_mlm(seq_len=64, vocab_size=8000, val_blocks=256, test_blocks=512, ntk_samples=64, start_epoch=2,
+        mlm=_mlm(seq_len=64, vocab_size=8000, val_blocks=256, test_blocks=512, num_samples=64, start_epoch=2,
                  interval=2,
                  loop=LoopConfig(epochs=6, batch_size=16, lr=5e-4, steps_per_epoch=50, eval_every=25,
                                  warmup_steps=20)),
     ),
     "cpu": ScaleConfig(
         sizes=("mini", "small", "medium"),
-        mlm=_mlm(seq_len=128, vocab_size=8000, seeds=(0, 1, 2), ntk_samples=64, start_epoch=3, interval=3,
+        mlm=_mlm(seq_len=128, vocab_size=8000, seeds=(0, 1, 2), num_samples=64, start_epoch=3, interval=3,
                  loop=LoopConfig(epochs=24, batch_size=16, lr=5e-4, steps_per_epoch=100, eval_every=50,
                                  warmup_steps=100)),
     ),
     "paper": ScaleConfig(
         sizes=("mini", "small", "medium", "base", "large"),
-        mlm=_mlm(seq_len=512, vocab_size=30000, seeds=(0, 1, 2), ntk_samples=64, start_epoch=5, interval=8,
+        mlm=_mlm(seq_len=512, vocab_size=30000, seeds=(0, 1, 2), num_samples=64, start_epoch=5, interval=8,
                  loop=LoopConfig(epochs=24, batch_size=8, lr=2e-4, eps=1e-6, steps_per_epoch=500, eval_every=250)),
     ),
 }
@@ -74,7 +76,7 @@ TIERS = {
 )
 def mat_scale(cfg: ScaleConfig, out_dir: Path, data_dir: Path | None) -> dict:
     """Run vanilla and MAT per size; returns the results document (see docs/results.md)."""
-    from ntkit.recipes._mat_report import (
+    from ntkit.recipes.report import (
         AGG_KEYS,
         aggregate,
         find_paper_numbers,
@@ -91,7 +93,7 @@ def mat_scale(cfg: ScaleConfig, out_dir: Path, data_dir: Path | None) -> dict:
     for size in cfg.sizes:
         mcfg = dataclasses.replace(cfg.mlm, size=size)
         task, note = build_mlm_task(mcfg, data_dir)
-        recs = compare(task, lambda s, c=mcfg: method_specs(c, s), mcfg.loop, mcfg.seeds, out_dir / size)
+        recs = compare(task, mcfg.methods, mcfg.loop, mcfg.seeds, scope=size)
         for r in recs:
             r["size"] = size
         records += recs

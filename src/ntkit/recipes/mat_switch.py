@@ -17,15 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ntkit.recipes import register_recipe
-from ntkit.recipes._loop import LoopConfig
-from ntkit.recipes._mat_mlm import MLMCompareConfig, run_mlm_comparison
+from ntkit.harness import LoopConfig
+from ntkit.recipes._mat_mlm import MLMCompareConfig, mat_methods, run_mlm_comparison
 
 __all__ = ["TIERS", "mat_switch"]
 
 
-def _cfg(**kw: object) -> MLMCompareConfig:
-    base: dict[str, object] = {"model": "switch_mlm", "kinds": "head+expert", "alpha_head": 0.1,
-                               "alpha_expert": 0.2, "beta": 1e-3, "num_experts": 4}
+def _cfg(num_samples: int, start_epoch: int, interval: int, **kw: object) -> MLMCompareConfig:
+    methods = mat_methods({"head": 0.1, "expert": 0.2}, beta=1e-3, num_samples=num_samples,
+                          start_epoch=start_epoch, interval=interval)
+    base: dict[str, object] = {"model": "switch_mlm", "kinds": "head+expert", "num_experts": 4, "methods": methods}
     base.update(kw)
     return MLMCompareConfig(**base)  # type: ignore[arg-type]
 
@@ -33,23 +34,23 @@ def _cfg(**kw: object) -> MLMCompareConfig:
 TIERS = {
     "ci": _cfg(
         size="tiny", seq_len=16, vocab_size=600, train_blocks=96, val_blocks=32, test_blocks=32,
-        ntk_samples=8, start_epoch=1, interval=1,
+        num_samples=8, start_epoch=1, interval=1,
         loop=LoopConfig(epochs=2, batch_size=8, lr=1e-3, steps_per_epoch=4, eval_every=2, progress=False),
     ),
     "quick": _cfg(
         size="tiny", seq_len=64, vocab_size=8000, val_blocks=256, test_blocks=512,
-        ntk_samples=64, start_epoch=2, interval=2,
+        num_samples=64, start_epoch=2, interval=2,
         loop=LoopConfig(epochs=6, batch_size=16, lr=1e-3, steps_per_epoch=60, eval_every=20, warmup_steps=20,
                         schedule="cosine", weight_decay=0.01, betas=(0.9, 0.99), eps=1e-6),
     ),
     "cpu": _cfg(
         size="mini", seq_len=128, vocab_size=8000, seeds=(0, 1, 2),
-        ntk_samples=64, start_epoch=3, interval=2,
+        num_samples=64, start_epoch=3, interval=2,
         loop=LoopConfig(epochs=24, batch_size=16, lr=5e-4, steps_per_epoch=100, eval_every=50, warmup_steps=200,
                         schedule="cosine", weight_decay=0.01, betas=(0.9, 0.99), eps=1e-6),
     ),
     "paper": _cfg(
-        size="base", seq_len=512, vocab_size=30000, seeds=(0, 1, 2), ntk_samples=64, start_epoch=2, interval=2,
+        size="base", seq_len=512, vocab_size=30000, seeds=(0, 1, 2), num_samples=64, start_epoch=2, interval=2,
         loop=LoopConfig(epochs=60, batch_size=8, lr=1e-4, steps_per_epoch=5000, eval_every=2500, warmup_steps=12000,
                         schedule="cosine", weight_decay=0.01, betas=(0.9, 0.99), eps=1e-6,
                         budget_fracs=(0.17, 0.35, 0.52)),

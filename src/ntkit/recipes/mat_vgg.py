@@ -11,32 +11,33 @@ from __future__ import annotations
 from pathlib import Path
 
 from ntkit.recipes import register_recipe
-from ntkit.recipes._loop import LoopConfig
+from ntkit.harness import LoopConfig
 from ntkit.recipes._mat_image import ImageCompareConfig, run_image_comparison
+from ntkit.recipes._mat_mlm import mat_methods
 
 __all__ = ["TIERS", "mat_vgg"]
 
 TIERS = {
     "ci": ImageCompareConfig(
-        width=0.125, train_limit=200, test_limit=100, ntk_samples=8, start_epoch=1, interval=1,
+        width=0.125, train_limit=200, test_limit=100, methods=mat_methods(0.2, beta=1e-6, num_samples=8, start_epoch=1, interval=1),
         acc_thresholds=(0.15, 0.25),
         loop=LoopConfig(epochs=2, batch_size=16, lr=1e-3, steps_per_epoch=3, eval_every=0, progress=False),
     ),
     # the whole 10k/10k subset (≈ 7 minutes on 2 cores; 2k samples left every method under 45% test top-1)
     "quick": ImageCompareConfig(
-        width=0.25, ntk_samples=64, start_epoch=3, interval=3,
+        width=0.25, methods=mat_methods(0.2, beta=1e-6, num_samples=64, start_epoch=3, interval=3),
         acc_thresholds=(0.7, 0.9),
         loop=LoopConfig(epochs=20, batch_size=64, lr=2e-3, schedule="step"),
     ),
     "cpu": ImageCompareConfig(
-        width=0.5, seeds=(0, 1, 2), ntk_samples=64, start_epoch=5, interval=5,
+        width=0.5, seeds=(0, 1, 2), methods=mat_methods(0.2, beta=1e-6, num_samples=64, start_epoch=5, interval=5),
         acc_thresholds=(0.95, 0.99),
         loop=LoopConfig(epochs=60, batch_size=128, lr=1e-3, schedule="step"),
     ),
     # seed 000 B.1: 200 epochs, batch 128, lr ×0.1 at 1/2 and 3/4, α 0.2, β 1e-6, S 64, 3 runs
     # (the paper's SGD lr 0.1 becomes SlicedAdamW lr 1e-3 here).
     "paper": ImageCompareConfig(
-        width=1.0, seeds=(0, 1, 2), ntk_samples=64, start_epoch=5, interval=5, alpha=0.2, beta=1e-6,
+        width=1.0, seeds=(0, 1, 2), methods=mat_methods(0.2, beta=1e-6, num_samples=64, start_epoch=5, interval=5),
         acc_thresholds=(0.95, 0.99),
         loop=LoopConfig(epochs=200, batch_size=128, lr=1e-3, schedule="step"),
     ),

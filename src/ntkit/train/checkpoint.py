@@ -27,11 +27,14 @@ only after the new one is durable, and never deletes the newest loadable checkpo
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import os
 import pickle
 import random
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,12 +209,38 @@ def save_checkpoint(
         "rng": get_rng_state() if save_rng else None,
         "extra": dict(extra or {}),
     }
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    out = atomic_write(path, lambda f: f.write(data))
+    atomic_write_text(_digest_path(out), f"{hashlib.sha256(data).hexdigest()}  {out.name}\n")
+    return out
+
+
+def _digest_path(path: Path) -> Path:
+    """The checksum file written beside a checkpoint: ``<name>.sha256``."""
+    return path.with_name(path.name + ".sha256")
+
+
+def _verify(path: Path) -> None:
+    """Raise DataError when ``path`` does not match the SHA-256 written beside it (a file without
+    one, e.g. from an older ntkit or a run killed between the two writes, is not checked)."""
+    digest = _digest_path(path)
+    if not digest.is_file():
+        return
+    want = digest.read_text(encoding="utf-8").split()[:1]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if want != [h.hexdigest()]:
+        raise DataError(f"checkpoint={str(path)!r}: checksum mismatch (corrupt or truncated)")
 
 
 def _read(path: Path, map_location: Any, trusted: bool = False) -> dict:
     if not path.is_file():
         raise DataError(f"checkpoint={str(path)!r}: no such file")
+    _verify(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=not trusted)
     except pickle.UnpicklingError as e:
@@ -322,17 +351,30 @@ class CheckpointManager:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
-    def _newest_payload(self, map_location: Any = "cpu", trusted: bool = False) -> tuple[Path, dict] | None:
+    def newest_payload(self, map_location: Any = "cpu", trusted: bool = False) -> dict | None:
+        """The content of the newest checkpoint that loads (None when there is none); a newer file
+        that is corrupt, truncated or foreign is skipped with a warning naming it."""
+        found = self._newest(map_location, trusted)
+        return None if found is None else found[1]
+
+    def _newest(self, map_location: Any = "cpu", trusted: bool = False) -> tuple[Path, dict] | None:
+        bad: list[str] = []
         for _, p in reversed(self.checkpoints()):
             try:
-                return p, _read(p, map_location, trusted)
-            except DataError:
-                continue  # torn or foreign: fall back to the previous one
+                payload = _read(p, map_location, trusted)
+            except DataError as e:
+                bad.append(str(e))
+                continue  # torn, corrupt or foreign: fall back to the previous one
+            if bad:
+                warnings.warn(f"{'; '.join(bad)} — using {p.name} instead", RuntimeWarning, stacklevel=3)
+            return p, payload
+        if bad:
+            warnings.warn(f"{'; '.join(bad)} — no loadable checkpoint left", RuntimeWarning, stacklevel=3)
         return None
 
     def latest(self) -> Path | None:
         """The newest checkpoint that loads, or None."""
-        found = self._newest_payload()
+        found = self._newest()
         return None if found is None else found[0]
 
     def save(
@@ -356,8 +398,10 @@ class CheckpointManager:
         ckpts = [p for _, p in self.checkpoints()]
         keep = set(ckpts[-self.keep_last :]) | {newest}
         # temporaries left by a writer killed mid-write (one writer per run directory)
-        stale = [p for p in self.directory.glob(f".{self.prefix}-*.pt.tmp-*") if p.is_file()]
-        for p in [*(p for p in ckpts if p not in keep), *stale]:
+        stale = [p for pat in (f".{self.prefix}-*.pt.tmp-*", f".{self.prefix}-*.pt.sha256.tmp-*")
+                 for p in self.directory.glob(pat) if p.is_file()]
+        old = [p for p in ckpts if p not in keep]
+        for p in [*old, *(_digest_path(p) for p in old), *stale]:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
@@ -372,7 +416,7 @@ class CheckpointManager:
         trusted: bool = False,
     ) -> Checkpoint | None:
         """Load the newest loadable checkpoint into the objects; None when there is none."""
-        found = self._newest_payload(map_location, trusted)
+        found = self._newest(map_location, trusted)
         if found is None:
             return None
         path, payload = found

@@ -1,6 +1,6 @@
-"""What the MAT loop trains: a *task* bundles data, model builder, partition, loss and evaluation.
+"""What the harness trains: a *task* bundles data, model builder, partition, loss and evaluation.
 
-The shared loop (:mod:`ntkit.recipes._loop`) is task-agnostic; a task answers six questions:
+The loop (:func:`ntkit.harness.train_run`) is task-agnostic; a task answers these questions:
 
 * ``build_model()`` — a fresh model (the caller seeds torch first, so every method starts from
   the same initial weights);
@@ -12,7 +12,13 @@ The shared loop (:mod:`ntkit.recipes._loop`) is task-agnostic; a task answers si
 * ``evaluate(model, split)`` — ``{"loss": float, "acc": float | None}`` on "val" or "test" with
   masks fixed once at construction (so values are comparable across methods and evaluations);
 * ``ntk_batch(S, generator)`` — S random training samples in the form :func:`ntkit.modular_ntk`
-  takes: ``(inputs, output_mask)``.
+  takes: ``(inputs, output_mask)``;
+* ``sample_inputs(n, generator)`` — the inputs of n random training samples, no labels (what
+  label-free methods see; default: ``ntk_batch(n, generator)[0]``);
+* ``shard(batch, rank, world)`` / ``loss_weight(batch)`` — under ``torch.distributed``, a rank's
+  share of a global batch (default: contiguous slices of every batch tensor) and the number of
+  units its loss averages over (samples; masked tokens for MLM), so the loop can weight ranks to
+  reproduce the global batch's mean loss.
 
 Two tasks exist: :class:`MLMTask` (BERT / Switch masked language modelling) and
 :class:`ImageTask` (image classification). Both keep everything on CPU tensors.
@@ -69,6 +75,22 @@ class Task:
 
     def ntk_batch(self, num_samples: int, generator: torch.Generator) -> tuple[Any, Tensor | None]:
         raise NotImplementedError
+
+    def sample_inputs(self, num_samples: int, generator: torch.Generator) -> Any:
+        """Inputs of ``num_samples`` random training samples, without labels."""
+        return self.ntk_batch(num_samples, generator)[0]
+
+    def shard(self, batch: Any, rank: int, world: int) -> Any:
+        """Rank ``rank``'s share of a global ``batch``: the ``rank``-th of ``world`` contiguous
+        slices along dim 0 of every tensor (``torch.tensor_split``: sizes differ by ≤ 1)."""
+        if isinstance(batch, Tensor):
+            return torch.tensor_split(batch, world)[rank]
+        return type(batch)(torch.tensor_split(t, world)[rank] for t in batch)
+
+    def loss_weight(self, batch: Any) -> float:
+        """Units the loss of ``batch`` averages over (default: samples)."""
+        first = batch if isinstance(batch, Tensor) else batch[0]
+        return float(first.shape[0])
 
 
 class MLMTask(Task):
@@ -145,6 +167,10 @@ class MLMTask(Task):
         if aux is not None:
             loss = loss + self.aux_weight * aux
         return loss, 0, 0
+
+    def loss_weight(self, batch: tuple[Tensor, Tensor]) -> float:
+        """Masked positions (the cross-entropy averages over them)."""
+        return float((batch[1] != -100).sum())
 
     def work_key(self, batch: tuple[Tensor, Tensor]) -> tuple:
         """Shapes plus the number of masked positions (the MLM head runs only there)."""
