@@ -56,16 +56,6 @@ elsewhere (a user's package) register by being imported before the runner is cal
 
 from __future__ import annotations
 
-from ntkit.recipes._report import (
-    aggregate_seeds,
-    fmt_mean_std,
-    heatmap,
-    line_plot,
-    markdown_table,
-    mean_std,
-    progress,
-    render_report,
-)
 from ntkit.recipes._runner import (
     RECIPES,
     TIERS,
@@ -79,6 +69,16 @@ from ntkit.recipes._runner import (
     rerender_report,
     resolve_config,
     run_recipe,
+)
+from ntkit.recipes.report import (
+    aggregate_seeds,
+    fmt_mean_std,
+    heatmap,
+    line_plot,
+    markdown_table,
+    mean_std,
+    progress,
+    render_report,
 )
 
 __all__ = [
