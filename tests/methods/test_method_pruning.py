@@ -82,10 +82,12 @@ def test_snip_struct_prunes_lowest_with_protection_at_step_zero():
     loss_fn = lambda m: nn.functional.cross_entropy(m(x), y)
     sc = snip_scores(model, part, loss_fn)
     ctl = FakeController(len(part))
-    method = build_method("snip_struct", fraction=0.75, loss_fn=loss_fn)
+    method = build_method("snip_struct", fraction=0.75)
     method.bind(model, part, ctl)
     ctx = make_ctx()
     ctx.model = model
+    ctx.loss_fn = lambda m, batch: nn.functional.cross_entropy(m(batch[0]), batch[1])
+    ctx.sample_batch = lambda n, gen: (x, y)
     entered = []
 
     class Book:
@@ -96,7 +98,7 @@ def test_snip_struct_prunes_lowest_with_protection_at_step_zero():
             pass
 
     ctx.count_overhead = Book
-    method.before_step(ctx)
+    method.at_init(ctx)
     # 3 of 4 requested, but each layer keeps one → only 2 pruned: the lowest of each layer
     expect = torch.zeros(4, dtype=torch.bool)
     for lo, hi in ((0, 2), (2, 4)):
@@ -109,7 +111,7 @@ def test_snip_struct_prunes_lowest_with_protection_at_step_zero():
     json.dumps(method.history, allow_nan=False)
     n_calls = len(ctl.calls)
     ctx.step = 1
-    method.before_step(ctx)  # once only
+    method.at_init(ctx)  # once only
     assert len(ctl.calls) == n_calls
     # resume: pruned set restored on the new controller, no re-scoring
     st = json.loads(json.dumps(method.state_dict()))
@@ -126,9 +128,9 @@ def test_snip_struct_errors():
     part = _neuron_partition().bind(model)
     m = SnipStruct()
     m.bind(model, part, FakeController(4))
-    with pytest.raises(ConfigError, match=r"^snip_struct\.loss_fn=None"):
-        m.before_step(make_ctx())
-    with pytest.raises(ConfigError, match=r"^fraction=1\.0: expected a number in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"^snip_struct: the loop context has no loss_fn"):
+        m.at_init(make_ctx())
+    with pytest.raises(ConfigError, match=r"^snip_struct\.fraction=1\.0: expected a number in \[0, 1\)"):
         SnipStruct(fraction=1.0)
     with pytest.raises(ConfigError, match=r"^kind='filter'"):
         SnipStruct(kind="filter").bind(model, part, FakeController(4))
@@ -181,5 +183,5 @@ def test_mat_prune_protection_keeps_one_per_layer(monkeypatch):
     assert ctl.pruned.tolist() == [True, True, True, False, True, False, False, False]
     # before MAT starts, every unpruned module stays active
     assert ctl.active.tolist() == [not p for p in ctl.pruned.tolist()]
-    with pytest.raises(ConfigError, match=r"^prune_fraction=1\.0"):
+    with pytest.raises(ConfigError, match=r"^mat_prune\.prune_fraction=1\.0"):
         MATPrune(prune_fraction=1.0)

@@ -20,8 +20,9 @@ from ntkit.errors import check
 from ntkit.methods._common import apply_active, bool_list, controller_pruned
 from ntkit.methods.base import LoopContext, register_method
 from ntkit.methods.mat import MAT, MATConfig
-from ntkit.methods.policies import prune_lowest
 from ntkit.partition import Partition
+from ntkit.pruning.importance import LambdaMax
+from ntkit.pruning.pruner import Pruner
 
 __all__ = ["MATPrune", "MATPruneConfig"]
 
@@ -119,34 +120,21 @@ class MATPrune(MAT):
             )
 
     def prune(self, ctx: LoopContext, lmax: Tensor) -> Tensor:
-        """Prune the lowest-λmax share of ``prune_kind``; returns ``lmax`` with pruned modules NaN."""
+        """Prune the lowest-λmax share of ``prune_kind`` through :class:`ntkit.pruning.Pruner`;
+        returns ``lmax`` with pruned modules NaN. A non-finite λmax of an eligible module refuses
+        the step (previous mask kept, ``RuntimeWarning``; ``pruned_done`` stays False)."""
         assert self.partition is not None and self.active is not None
-        m = len(self.partition)
-        old = controller_pruned(self.controller, m)
-        eligible = self._prune_kind_mask() & ~old & ~torch.isnan(lmax)
-        score = torch.where(eligible, lmax, torch.tensor(0.0, dtype=torch.float64))
-        new = prune_lowest(
-            score,
-            self.config.prune_fraction,
-            self.partition.layers,
-            eligible=eligible,
-            protect_layers=self.config.protect,
-        )
-        pruned = old | new
-        if self.controller is not None:
-            self.controller.set_pruned(pruned.clone())
+        self._prune_kind_mask()
+        pruner = Pruner(LambdaMax(), kind=self.config.prune_kind, protect=self.config.protect)
+        old = controller_pruned(self.controller, len(self.partition))
+        res = pruner.apply(lmax, self.partition, self.controller, pruned=old, fraction=self.config.prune_fraction)
+        if res.record is None:
+            return lmax
+        pruned = res.pruned
         self.active = self.active & ~pruned
         apply_active(self.controller, self.active)
         self.pruned_done = True
-        names = self.partition.names
-        rec = {
-            "event": "prune",
-            "epoch": int(ctx.epoch),
-            "step": int(ctx.step),
-            "criterion": "lambda_max",
-            "scores": {names[i]: float(lmax[i]) for i in eligible.nonzero(as_tuple=True)[0].tolist()},
-            "pruned": [names[i] for i in new.nonzero(as_tuple=True)[0].tolist()],
-        }
+        rec = {"event": "prune", "epoch": int(ctx.epoch), "step": int(ctx.step), **res.record}
         self.history.append(rec)
         ctx.log(rec)
         self._pruned_mask = pruned

@@ -30,9 +30,9 @@ from ntkit.methods._common import (
     unwrap,
 )
 from ntkit.methods.base import LoopContext, TrainingMethod, make_config, register_method
-from ntkit.methods.policies import prune_lowest
-from ntkit.methods.scores import snip_scores
 from ntkit.partition import Partition
+from ntkit.pruning.importance import ScoreData, Snip
+from ntkit.pruning.pruner import Pruner
 
 __all__ = ["SnipStruct", "SnipStructConfig"]
 
@@ -123,34 +123,19 @@ class SnipStruct(TrainingMethod):
             return ctx.loss_fn(model, ctx.sample_batch(n, gen))  # type: ignore[misc]
         m = len(self.partition)
         old = controller_pruned(self.controller, m)
-        eligible = self._kind_mask() & ~old
+        self._kind_mask()
         apply_active(self.controller, ~old)  # every unpruned module gets its gradient scored
         with overhead(ctx):
-            score = snip_scores(
-                unwrap(ctx.model), self.partition, loss_fn, num_batches=self.config.num_batches
-            )
+            score = Snip()(unwrap(ctx.model), self.partition, ScoreData(loss_fn, self.config.num_batches))
         score = broadcast_from_rank0(score)
-        new = prune_lowest(
-            score,
-            self.config.fraction,
-            self.partition.layers,
-            eligible=eligible,
-            protect_layers=self.config.protect,
-        )
-        self.pruned = old | new
-        if self.controller is not None:
-            self.controller.set_pruned(self.pruned.clone())
-        apply_active(self.controller, ~self.pruned)
+        pruner = Pruner(Snip(), kind=self.config.kind, protect=self.config.protect)
+        res = pruner.apply(score, self.partition, self.controller, pruned=old, fraction=self.config.fraction)
         self.done = True
-        names = self.partition.names
-        rec = {
-            "event": "prune",
-            "epoch": int(ctx.epoch),
-            "step": int(ctx.step),
-            "criterion": "snip",
-            "scores": {names[i]: float(score[i]) for i in eligible.nonzero(as_tuple=True)[0].tolist()},
-            "pruned": [names[i] for i in new.nonzero(as_tuple=True)[0].tolist()],
-        }
+        if res.record is None:  # non-finite scores: nothing pruned (warned), the previous mask stays
+            return old
+        self.pruned = res.pruned
+        apply_active(self.controller, ~self.pruned)
+        rec = {"event": "prune", "epoch": int(ctx.epoch), "step": int(ctx.step), **res.record}
         self.history.append(rec)
         ctx.log(rec)
         return self.pruned.clone()

@@ -1,0 +1,43 @@
+"""Structured pruning building blocks (Torch-Pruning style, STYLE.md §6): importance criteria,
+schedules and one pruner; physical removal lives in :mod:`ntkit.sparse.surgery`.
+
+>>> from ntkit.pruning import Pruner, ScoreData, OneShot
+>>> pruner = Pruner("l1", kind="head", scope="global", protect=True)
+>>> result = pruner(model, partition, controller=ctl, fraction=0.5)   # doctest: +SKIP
+>>> result.record   # {"event": "prune", "criterion": "l1", "scores": {...}, "pruned": [...]}
+"""
+
+from __future__ import annotations
+
+from ntkit.pruning.importance import (
+    SCORERS,
+    LambdaMax,
+    Magnitude,
+    RandomScore,
+    ScoreData,
+    Scorer,
+    Snip,
+    get_scorer,
+    ntk_lambda_max,
+    snip_scores,
+)
+from ntkit.pruning.pruner import Pruner, PruneResult
+from ntkit.pruning.schedules import Iterative, Linear, OneShot
+
+__all__ = [
+    "SCORERS",
+    "Iterative",
+    "LambdaMax",
+    "Linear",
+    "Magnitude",
+    "OneShot",
+    "PruneResult",
+    "Pruner",
+    "RandomScore",
+    "ScoreData",
+    "Scorer",
+    "Snip",
+    "get_scorer",
+    "ntk_lambda_max",
+    "snip_scores",
+]
