@@ -21,11 +21,8 @@ from ntkit.recipes import (
     Recipe,
     aggregate_seeds,
     apply_overrides,
-    fmt_mean_std,
     get_recipe,
-    heatmap,
     line_plot,
-    markdown_table,
     mean_std,
     register_recipe,
     resolve_config,
@@ -66,7 +63,7 @@ def _tiny(cfg: TinyConfig, out_dir: Path, data_dir: Path | None) -> dict:
     runs = [{"seed": s, "score": cfg.scale * (s + 1), "steps": cfg.steps} for s in cfg.seeds]
     line_plot(out_dir / "curve.png", {"score": ([0, 1, 2], [0.0, cfg.scale, 2 * cfg.scale])}, xlabel="step")
     return {
-        "summary": {"mean score": mean_std(r["score"] for r in runs)[0], "data_dir": data_dir},
+        "summary": {"mean score": mean_std(r["score"] for r in runs)["mean"], "data_dir": data_dir},
         "tables": {"Scores": [{"method": "tiny", "score": aggregate_seeds(runs)["score"]}]},
         "plots": ["curve.png"],
         "notes": ["a test recipe"],
@@ -323,39 +320,6 @@ def test_recipe_registration_is_validated() -> None:
         Recipe.create("x", _tiny, {**_TIERS, "paper": Optim()})
     with pytest.raises(ValueError, match="registered twice"):
         register_recipe("_test-tiny", tiers=_TIERS)(_tiny)
-
-
-# --------------------------------------------------------------------------- report helpers
-def test_statistics_and_tables() -> None:
-    m, s = mean_std([1.0, 2.0, 3.0])
-    assert m == 2.0 and s == pytest.approx(1.0)
-    assert math.isnan(mean_std([4.0])[1]) and math.isnan(mean_std([])[0])
-    assert fmt_mean_std([1.0, 2.0, 3.0]) == "2 ± 1" and fmt_mean_std(0.5) == "0.5"
-    agg = aggregate_seeds([{"acc": 0.5, "name": "a"}, {"acc": 0.7, "name": "b"}])
-    assert list(agg) == ["acc"] and agg["acc"]["n"] == 2 and agg["acc"]["mean"] == pytest.approx(0.6)
-    t = markdown_table([{"a": 1, "b": 0.123456}, {"a": None, "c": "x|y"}])
-    assert t.splitlines() == [
-        "| a | b | c |",
-        "| --- | --- | --- |",
-        "| 1 | 0.1235 | — |",
-        "| — | — | x\\|y |",
-    ]
-
-
-def test_plots_are_pngs(tmp_path: Path) -> None:
-    p = line_plot(
-        tmp_path / "l.png",
-        {"a": {"x": [1, 2, 3], "y": [3, 2, 1], "std": [0.1, 0.1, 0.1]}, "b": ([1, 2, 3], [1, 2, 3])},
-        logy=True,
-        title="t",
-    )
-    h = heatmap(
-        tmp_path / "h.png", [[1, 2], [3, 4], [5, 6]], row_labels=["r0", "r1", "r2"], col_labels=["c0", "c1"]
-    )
-    for f in (p, h):
-        assert f.read_bytes().startswith(PNG) and f.stat().st_size > 1000
-    with pytest.raises(ValueError, match="2-D"):
-        heatmap(tmp_path / "x.png", [1, 2, 3])
 
 
 def test_config_file_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
