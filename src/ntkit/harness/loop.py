@@ -338,12 +338,12 @@ def train_run(
     book = _FlopBook()
     manager = None if checkpoint_dir is None else CheckpointManager(checkpoint_dir, keep_last=cfg.keep_checkpoints)
     payload = manager.newest_payload() if (manager is not None and resume) else None
-    if payload is not None:  # replay the surgery the run had done, so the state_dict fits
+    for removed in [] if payload is None else payload["stateful"]["loop"]["structure"]:
+        # replay the surgery the run had done, so the saved state_dict fits
         from ntkit.sparse.surgery import remove_groups
 
-        for removed in payload["stateful"]["loop"]["structure"]:
-            change = remove_groups(model, partition, removed)
-            model, partition = change.model, change.partition
+        change = remove_groups(model, partition, removed)
+        model, partition = change.model, change.partition
     ctl = attach(model, partition)
 
     def make_opt() -> Any:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from ntkit import partition as P
+from ntkit.harness import MLMTask
 from ntkit.methods.scores import ntk_lambda_max
 from ntkit.models import build_model
-from ntkit.recipes._tasks import MLMTask
 
 
 def _task(collate) -> MLMTask:

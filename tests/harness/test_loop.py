@@ -1,25 +1,22 @@
-"""The shared MAT loop and its post-processing (ntkit.recipes._loop / _mat_report / _mat_image)."""
+"""The harness loop and its post-processing (ntkit.harness.loop, ntkit.recipes.report, _mat_image)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from ntkit.errors import ConfigError
-from ntkit.recipes._loop import (
+from ntkit.harness import (
+    ImageTask,
     LoopConfig,
-    MethodSpec,
     compare,
     finalize,
     first_crossing,
     interpolate_at,
     lr_factor,
+    methods_of,
 )
 from ntkit.recipes._mat_image import add_train_acc_compute
-from ntkit.recipes._mat_report import aggregate, lambda_max_matrix, mean_std, verdict
-from ntkit.recipes._tasks import ImageTask
 
 CURVE = [
     {"train_flops": 0.0, "flops": 0.0, "val_loss": 5.0},
@@ -82,45 +79,6 @@ def test_loop_config_validates():
         LoopConfig(epochs=0)
 
 
-def test_mean_std_and_aggregate():
-    assert mean_std([]) == {"mean": None, "std": None, "n": 0}
-    ms = mean_std([1.0, 3.0])
-    assert ms["mean"] == 2.0 and ms["std"] == pytest.approx(math.sqrt(2.0)) and ms["n"] == 2
-    recs = [
-        {"method": "a", "seed": 0, "x": 1.0, "v": [1.0, None]},
-        {"method": "a", "seed": 1, "x": 3.0, "v": [3.0, 2.0]},
-        {"method": "b", "seed": 0, "x": None, "v": [5.0, 6.0]},
-    ]
-    agg = aggregate(recs, ["x"], ["v"])
-    assert agg["a"]["x"]["mean"] == 2.0 and agg["a"]["seeds"] == [0, 1]
-    assert agg["a"]["v"][1] == {"mean": 2.0, "std": 0.0, "n": 1}
-    assert agg["b"]["x"]["n"] == 0
-
-
-def _agg(c_mat, c_van, ov):
-    return {"mat": {"compute_to_target_flops": {"mean": c_mat}, "overhead_share": {"mean": ov}},
-            "vanilla": {"compute_to_target_flops": {"mean": c_van}, "overhead_share": {"mean": 0.0}}}
-
-
-def test_verdict_requires_speedup_and_small_overhead():
-    assert verdict(_agg(70.0, 100.0, 0.01))[0] is True
-    assert verdict(_agg(80.0, 100.0, 0.01))[0] is False  # 0.8× > 0.75×
-    assert verdict(_agg(50.0, 100.0, 0.05))[0] is False  # overhead 5 % > 2 %
-    ok, text = verdict(_agg(None, 100.0, 0.01))
-    assert ok is False and "never reached" in text
-    assert verdict({"vanilla": {}})[0] is None
-    assert verdict(_agg(10.0, 0.0, 0.01))[0] is None  # vanilla never improved on its initial val loss
-
-
-def test_lambda_max_matrix_reads_named_and_listed_histories():
-    hist = [{"event": "mat", "epoch": 1, "lambda_max": {"h0": 2.0, "h1": 3.0}},
-            {"event": "prune", "epoch": 2},
-            {"event": "mat", "epoch": 3, "lambda_max": {"h1": 4.0}}]
-    rows, when = lambda_max_matrix(hist, ["h0", "h1"])
-    assert when == [1, 3]
-    assert rows[0] == [2.0, 3.0] and math.isnan(rows[1][0]) and rows[1][1] == 4.0
-
-
 def test_add_train_acc_compute():
     recs = [{"epoch_train_acc": [0.5, 0.92, 0.97], "epoch_flops": [10, 20, 30]}]
     add_train_acc_compute(recs, (0.9, 0.95, 0.99))
@@ -144,9 +102,9 @@ def _toy_task() -> ImageTask:
 def test_loop_same_init_and_data_for_every_method_and_partial_backward_saves_flops():
     task = _toy_task()
     cfg = LoopConfig(epochs=2, batch_size=16, lr=1e-3, eval_every=2, progress=False)
-    specs = [MethodSpec("vanilla"), MethodSpec("vanilla", label="vanilla_again"),
-             MethodSpec("rand", {"seed": 0})]
-    recs = compare(task, specs, cfg, seeds=[0])
+    methods = methods_of({"vanilla": {"method": "vanilla"}, "vanilla_again": {"method": "vanilla"},
+                          "rand": {"method": "rand"}})
+    recs = compare(task, methods, cfg, seeds=[0])
     van, again, rand = recs
     # determinism: identical init, data order and masks → identical curves
     assert [p["val_loss"] for p in van["curve"]] == [p["val_loss"] for p in again["curve"]]
