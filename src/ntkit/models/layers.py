@@ -48,14 +48,15 @@ class MultiHeadSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        b, t, d = x.shape
+        b, t = x.shape[:2]
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         mask = None
         if key_padding_mask is not None:
             mask = (~key_padding_mask)[:, None, None, :]  # True = attend
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+        # H·dh, not d: surgery (ntkit.sparse.surgery) may have removed heads
+        return self.proj(y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
 class Expert(nn.Module):
