@@ -21,6 +21,7 @@ KW = {
     "multirate": {"k": 2, "seed": 1},
     "mat_prune": {"prune_epoch": 1, "start_epoch": 1, "interval": 1, "num_samples": 3},
     "snip_struct": {"fraction": 0.5},
+    "ntt": {"steps": 1},  # acts only at_init (tests/methods/test_ntt.py); here: hooks are no-ops
 }
 
 
@@ -85,7 +86,7 @@ def test_method_contract(name, device):
         method.on_epoch_end(ctx)
         if epoch == 1:
             state_mid = json.loads(json.dumps(method.state_dict(), allow_nan=False))
-    assert saw_partial == (name != "vanilla")
+    assert saw_partial == (name not in ("vanilla", "ntt"))
     json.dumps(method.history, allow_nan=False)
     # a rebuilt method loaded from the mid-run state holds the same state
     again = build_method(name, **KW[name], **extra)

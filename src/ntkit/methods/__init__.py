@@ -14,12 +14,12 @@ Pure decision rules live in :mod:`ntkit.methods.policies`, importance scores in
 
 from __future__ import annotations
 
-from ntkit.methods import policies, scores
+from ntkit.methods import masks, policies, scores
 from ntkit.methods.base import (
     METHODS,
     LoopContext,
-    TrainingMethod,
     MethodInfo,
+    TrainingMethod,
     build_method,
     list_methods,
     method_config,
@@ -29,6 +29,7 @@ from ntkit.methods.base import (
 from ntkit.methods.mat import MAT, MATConfig
 from ntkit.methods.mat_prune import MATPrune, MATPruneConfig
 from ntkit.methods.multirate import Multirate, MultirateConfig
+from ntkit.methods.ntt import NTT, NTTConfig
 from ntkit.methods.policies import modular_policy, protect, prune_lowest, temporal_policy
 from ntkit.methods.random_modules import Rand, RandConfig
 from ntkit.methods.scores import ntk_lambda_max, snip_scores
@@ -38,6 +39,7 @@ from ntkit.methods.vanilla import Vanilla, VanillaConfig
 __all__ = [
     "MAT",
     "METHODS",
+    "NTT",
     "LoopContext",
     "MATConfig",
     "MATPrune",
@@ -45,6 +47,7 @@ __all__ = [
     "MethodInfo",
     "Multirate",
     "MultirateConfig",
+    "NTTConfig",
     "Rand",
     "RandConfig",
     "SnipStruct",
@@ -54,6 +57,7 @@ __all__ = [
     "VanillaConfig",
     "build_method",
     "list_methods",
+    "masks",
     "method_config",
     "method_info",
     "modular_policy",

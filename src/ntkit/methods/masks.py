@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ntkit.errors import ConfigError, check
 
@@ -130,11 +131,12 @@ def magnitude_mask(
     return mask_from_scores({n: w.detach().abs() for n, w in weights.items()}, density, scope)
 
 
-def _saliency(model: nn.Module, objective: Callable[[nn.Module], Tensor]) -> dict[str, Tensor]:
-    """|θ ⊙ ∂objective/∂θ| per weight tensor (gradients taken w.r.t. the weights only)."""
-    weights = maskable_weights(model)
+def _saliency(model: nn.Module, inputs: Tensor, objective: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """|θ ⊙ ∂objective(model(inputs))/∂θ| per weight tensor. Gradients are taken w.r.t. detached
+    copies of the weights, so frozen models work and no ``.grad`` is touched."""
+    weights = {n: w.detach().requires_grad_(True) for n, w in maskable_weights(model).items()}
     with torch.enable_grad():
-        value = objective(model)
+        value = objective(functional_call(model, weights, (inputs,)))
         grads = torch.autograd.grad(value, list(weights.values()), allow_unused=True)
     return {
         n: (w.detach() * g).abs() if g is not None else torch.zeros_like(w.detach())
@@ -155,12 +157,12 @@ def snip_mask(
     Args: inputs [N, ...]; labels [N] int64; ``scope="layerwise"`` gives Layerwise-SNIP.
     The model is used as is (call ``model.eval()`` first to score without dropout).
     """
-    return mask_from_scores(_saliency(model, lambda m: loss_fn(m(inputs), labels)), density, scope)
+    return mask_from_scores(_saliency(model, inputs, lambda out: loss_fn(out, labels)), density, scope)
 
 
 def logit_snip_mask(model: nn.Module, inputs: Tensor, density: float, scope: str = "global") -> Masks:
     """Logit-SNIP (label-free): keep the largest |θ ⊙ ∂Z/∂θ|, Z = Σ_i ‖f(x_i)‖² over ``inputs`` [N, ...]."""
-    return mask_from_scores(_saliency(model, lambda m: m(inputs).pow(2).sum()), density, scope)
+    return mask_from_scores(_saliency(model, inputs, lambda out: out.pow(2).sum()), density, scope)
 
 
 def random_mask(model: nn.Module, density: float, generator: torch.Generator | None = None) -> Masks:
