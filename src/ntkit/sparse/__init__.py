@@ -5,11 +5,23 @@
   structured pruning (pruned groups act as zero in the forward pass and cost nothing).
 * :class:`SlicedAdamW` — AdamW that updates only the active slices, with per-slice step counts
   and an optional per-group learning-rate multiplier.
+* :func:`remove_groups` / :func:`replay` / :func:`carry_optimizer_state` — surgery that physically
+  removes pruned heads, experts and filters (:class:`StructureChange`).
 """
 
 from __future__ import annotations
 
 from ntkit.sparse.controller import ParamSlicing, SparseController, attach
 from ntkit.sparse.optim import SlicedAdamW
+from ntkit.sparse.surgery import StructureChange, carry_optimizer_state, remove_groups, replay
 
-__all__ = ["ParamSlicing", "SlicedAdamW", "SparseController", "attach"]
+__all__ = [
+    "ParamSlicing",
+    "SlicedAdamW",
+    "SparseController",
+    "StructureChange",
+    "attach",
+    "carry_optimizer_state",
+    "remove_groups",
+    "replay",
+]
