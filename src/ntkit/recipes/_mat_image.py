@@ -65,11 +65,17 @@ class ImageCompareConfig:
 
     def __post_init__(self) -> None:
         check(self.model in ("vgg16", "vit_tiny"), "model", self.model, "vgg16 or vit_tiny")
-        check(self.width > 0, "width", self.width, "a number > 0")
+        check(0 < self.width < float("inf"), "width", self.width, "a finite number > 0")
+        for name in ("vit_dim", "vit_depth", "vit_heads", "vit_patch"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        check(self.vit_dim % self.vit_heads == 0, "vit_dim", self.vit_dim, f"a multiple of vit_heads={self.vit_heads}")
+        check(self.train_limit >= 0 and self.test_limit >= 0, "train_limit/test_limit",
+              (self.train_limit, self.test_limit), "integers >= 0 (0 = all)")
         check(0 < self.val_frac < 1, "val_frac", self.val_frac, "a fraction in (0, 1)")
         check(isinstance(self.methods, dict) and "vanilla" in self.methods, "methods", list(self.methods),
               "labels that include vanilla (the baseline)")
-        check(len(self.seeds) >= 1, "seeds", self.seeds, "at least one seed")
+        check(len(self.seeds) >= 1 and all(s >= 0 for s in self.seeds), "seeds", self.seeds,
+              "at least one seed, each an integer >= 0")
         check(all(0 < t <= 1 for t in self.acc_thresholds), "acc_thresholds", self.acc_thresholds,
               "fractions in (0, 1]")
 

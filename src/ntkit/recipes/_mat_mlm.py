@@ -89,8 +89,19 @@ class MLMCompareConfig:
         check(self.kinds in ("head", "head+expert"), "kinds", self.kinds, "head or head+expert")
         check(self.kinds == "head" or self.model == "switch_mlm", "kinds", self.kinds,
               "head for a dense model (experts need switch_mlm)")
+        from ntkit.models.transformer import BERT_SIZES
+
+        check(self.size in BERT_SIZES, "size", self.size, f"one of {', '.join(BERT_SIZES)}")
         check(self.seq_len >= 8, "seq_len", self.seq_len, "an integer >= 8")
-        check(len(self.seeds) >= 1, "seeds", self.seeds, "at least one seed")
+        check(self.vocab_size >= 32, "vocab_size", self.vocab_size, "an integer >= 32")
+        check(self.num_experts >= 1, "num_experts", self.num_experts, "an integer >= 1")
+        for name in ("train_blocks", "val_blocks", "test_blocks"):
+            check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0 (0 = all)")
+        check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a number in [0, 1)")
+        check(0.0 <= self.aux_weight < float("inf"), "aux_weight", self.aux_weight, "a finite number >= 0")
+        check(self.dataset in ("wikitext2", "tinyshakespeare"), "dataset", self.dataset, "wikitext2 or tinyshakespeare")
+        check(len(self.seeds) >= 1 and all(s >= 0 for s in self.seeds), "seeds", self.seeds,
+              "at least one seed, each an integer >= 0")
         check(isinstance(self.methods, dict) and "vanilla" in self.methods, "methods", list(self.methods),
               "labels that include vanilla (the baseline)")
 

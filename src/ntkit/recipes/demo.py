@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ntkit.recipes import register_recipe
 from ntkit.harness import LoopConfig
+from ntkit.recipes import register_recipe
 from ntkit.recipes._mat_image import ImageCompareConfig, run_image_comparison
 from ntkit.recipes._mat_mlm import mat_methods
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ntkit.recipes import register_recipe
 from ntkit.harness import LoopConfig, MethodEntry, methods_of
+from ntkit.recipes import register_recipe
 from ntkit.recipes._mat_mlm import MLMCompareConfig, run_mlm_comparison
 
 __all__ = ["TIERS", "mat_prune"]

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ntkit.errors import check
-from ntkit.recipes import register_recipe
 from ntkit.harness import LoopConfig, compare
+from ntkit.recipes import register_recipe
 from ntkit.recipes._mat_mlm import MLMCompareConfig, build_mlm_task, mat_methods
 
 __all__ = ["TIERS", "ScaleConfig", "mat_scale"]

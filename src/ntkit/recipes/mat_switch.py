@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ntkit.recipes import register_recipe
 from ntkit.harness import LoopConfig
+from ntkit.recipes import register_recipe
 from ntkit.recipes._mat_mlm import MLMCompareConfig, mat_methods, run_mlm_comparison
 
 __all__ = ["TIERS", "mat_switch"]
