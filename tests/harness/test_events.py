@@ -123,3 +123,50 @@ def test_corrupt_newest_checkpoint_falls_back_with_a_warning_and_resume_is_exact
     assert Probe.seen == []  # at_init is not called again on resume
     for key in ("curve", "test_loss", "train_flops", "method_history", "active_history"):
         assert again[key] == ref[key], key
+
+
+@dataclass
+class SurgeonConfig:
+    epoch: int = 0  # remove the first head of every layer at the end of this epoch
+
+
+class Surgeon(TrainingMethod):
+    def __init__(self, config: SurgeonConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def on_epoch_end(self, ctx) -> None:
+        from ntkit.sparse.surgery import remove_groups
+
+        if ctx.epoch != self.config.epoch:
+            return
+        firsts = [idx[0] for idx in self.partition.groups_by_layer("head").values()]
+        names = [self.partition.names[i] for i in firsts]
+        ctx.change_structure(remove_groups(ctx.model, self.partition, names, controller=self.controller))
+
+
+if "_surgeon" not in METHODS:
+    register_method("_surgeon", config=SurgeonConfig)(Surgeon)
+
+
+def test_structure_change_rebuilds_the_loop_and_resumes_through_surgery(tmp_path: Path) -> None:
+    task = _task()
+    cfg = LoopConfig(epochs=3, batch_size=16, lr=1e-2, eval_every=2, checkpoint_every=3, progress=False)
+    dense = train_run(task, "d", MethodEntry("vanilla"), cfg, seed=0)
+    rec = train_run(task, "s", MethodEntry("_surgeon"), cfg, seed=0, checkpoint_dir=tmp_path / "ref")
+    assert rec["structure_changes"] == [["blocks.0.attn.head0"]] or len(rec["structure_changes"][0]) == 1
+    assert rec["num_params"] < dense["num_params"]
+    assert len(rec["module_names"]) == len(dense["module_names"]) - 1
+    # after surgery the smaller model trained on (its curve moved) and cost fewer FLOPs per step
+    assert rec["curve"][-1]["val_loss"] != rec["curve"][-2]["val_loss"]
+    assert rec["train_flops"] < dense["train_flops"]
+    # resume from the checkpoint taken after the surgery (step 6): replay, load, finish identically
+    ck = tmp_path / "ck"
+    train_run(task, "s", MethodEntry("_surgeon"), cfg, seed=0, checkpoint_dir=ck)
+    for p in sorted(ck.glob("ckpt-*"))[-2:]:
+        if "000000012" in p.name:
+            p.unlink()
+    assert max(int(p.name[5:14]) for p in ck.glob("ckpt-*.pt")) > 4  # a post-surgery checkpoint remains
+    again = train_run(task, "s", MethodEntry("_surgeon"), cfg, seed=0, checkpoint_dir=ck, resume=True)
+    for key in ("curve", "test_loss", "train_flops", "num_params", "structure_changes"):
+        assert again[key] == rec[key], key
