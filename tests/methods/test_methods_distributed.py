@@ -50,9 +50,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         model2 = tiny_bert()
         part2 = attention_heads(model2)
         ctl2 = attach(model2, part2)
-        snip = build_method("snip_struct", fraction=0.5, loss_fn=loss_fn)
+        snip = build_method("snip_struct", fraction=0.5)
         snip.bind(model2, part2, ctl2)
-        snip.before_step(LoopContext(model=model2))
+        snip.at_init(LoopContext(model=model2, loss_fn=lambda m, b: loss_fn(m), sample_batch=lambda n, g: None))
         out = {
             "active": ctl.active.tolist(),
             "lambda_max": mat.history[0]["lambda_max"],
