@@ -223,19 +223,26 @@ class Conv4(_NoAux, nn.Module):
 
     ``conv1`` 64@3×3 'same' → ReLU → ``conv2`` 64@3×3 'valid' → ReLU → max-pool 2 → dropout 0.25
     → ``conv3`` 128@3×3 'same' → ReLU → ``conv4`` 128@3×3 'valid' → ReLU → max-pool 2 → dropout
-    0.25 → ``fc1`` 512 → ReLU → dropout 0.5 → ``fc2`` num_classes. Table 1 gives no padding; we
-    take the Keras example's (same, valid), so 32×32 → 32 → 30 → 15 → 15 → 13 → 6 and ``fc1``
-    has 128·6·6 = 4608 inputs. Dropout rates are the fraction of inputs dropped (training only).
+    0.25 → ``fc1`` 512 → ReLU → dropout 0.5 → ``fc2`` num_classes. Table 1 gives no padding.
+    ``padding="keras"`` (default) takes the Keras example's (same, valid), so 32×32 → 32 → 30 → 15
+    → 15 → 13 → 6 and ``fc1`` has 128·6·6 = 4608 inputs; ``padding="valid"`` is the NTT authors'
+    code (every conv VALID: 32 → 30 → 28 → 14 → 12 → 10 → 5, ``fc1`` 128·5·5 = 3200 inputs).
+    Dropout rates are the fraction of inputs dropped (training only).
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> None:
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, padding: str = "keras"
+    ) -> None:
         super().__init__()
         _check_common(in_channels, num_classes)
-        s = _pooled(_pooled(image_size, 2), 2)
-        check(isinstance(image_size, int) and s >= 1, "image_size", image_size, "an integer >= 8")
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=1)
+        check(padding in ("keras", "valid"), "padding", padding, "'keras' or 'valid'")
+        same = 1 if padding == "keras" else 0
+        s = _pooled(_pooled(image_size, 4 - 2 * same), 4 - 2 * same)
+        check(isinstance(image_size, int) and s >= 1, "image_size", image_size,
+              "an integer >= 8" if same else "an integer >= 14")
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, padding=same)
         self.conv2 = nn.Conv2d(64, 64, 3)
-        self.conv3 = nn.Conv2d(64, 128, 3, padding=1)
+        self.conv3 = nn.Conv2d(64, 128, 3, padding=same)
         self.conv4 = nn.Conv2d(128, 128, 3)
         self.drop1 = nn.Dropout(0.25)
         self.drop2 = nn.Dropout(0.25)
