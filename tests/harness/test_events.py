@@ -10,23 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness_toy import toy_task
 
-from ntkit.harness import ImageTask, LoopConfig, MethodEntry, TrainingDiverged, train_run
+from ntkit.harness import LoopConfig, MethodEntry, TrainingDiverged, train_run
 from ntkit.methods.base import METHODS, TrainingMethod, register_method
 
 
-def _task() -> ImageTask:
-    from ntkit.models import build_model
-    from ntkit.partition import attention_heads
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(96, 1, 8, 8, generator=g)
-    y = (x.flatten(1) @ torch.randn(64, 10, generator=g)).argmax(1)
-    return ImageTask(
-        name="toy", train_x=x[:64], train_y=y[:64], val_x=x[64:80], val_y=y[64:80], test_x=x[80:],
-        test_y=y[80:], partition_fn=attention_heads,
-        build=lambda: build_model("vit_tiny", dim=16, depth=1, heads=2),
-    )
+def _task():
+    return toy_task(n=96, dim=16, depth=1, heads=2)
 
 
 @dataclass

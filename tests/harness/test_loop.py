@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from harness_toy import toy_task
 
 from ntkit.errors import ConfigError
 from ntkit.harness import (
-    ImageTask,
     LoopConfig,
     compare,
     finalize,
@@ -85,22 +84,10 @@ def test_add_train_acc_compute():
     assert recs[0]["compute_to_train_acc"] == [20.0, 30.0, None]
 
 
-def _toy_task() -> ImageTask:
-    from ntkit.models import build_model
-    from ntkit.partition import attention_heads
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(120, 1, 8, 8, generator=g)
-    y = (x.flatten(1) @ torch.randn(64, 10, generator=g)).argmax(1)
-    return ImageTask(
-        name="toy", train_x=x[:80], train_y=y[:80], val_x=x[80:100], val_y=y[80:100], test_x=x[100:],
-        test_y=y[100:], partition_fn=attention_heads,
-        build=lambda: build_model("vit_tiny", dim=32, depth=2, heads=4),
-    )
 
 
 def test_loop_same_init_and_data_for_every_method_and_partial_backward_saves_flops():
-    task = _toy_task()
+    task = toy_task()
     cfg = LoopConfig(epochs=2, batch_size=16, lr=1e-3, eval_every=2, progress=False)
     methods = methods_of({"vanilla": {"method": "vanilla"}, "vanilla_again": {"method": "vanilla"},
                           "rand": {"method": "rand"}})
