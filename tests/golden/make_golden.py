@@ -62,6 +62,13 @@ def _num(v: Any) -> Any:
 def extract(doc: dict) -> dict[str, dict]:
     """``{"<method>/seed<k>": {metric: value, "val_loss": [..]}}`` from a ``run_recipe`` document."""
     out: dict[str, dict] = {}
+    if "records" not in doc["results"]:  # the NTT sweeps: one run per (method, density, seed)
+        for r in doc["results"]["runs"]:
+            key = f"{r['method']}@{r['density']:.6g}/seed{r['seed']}"
+            if key in out:
+                raise ValueError(f"recipe {doc['recipe']!r}: two runs share {key!r}")
+            out[key] = {k: _num(r.get(k)) for k in ("test_last", "test_best_val", "val_best")}
+        return out
     for r in doc["results"]["records"]:
         key = f"{r['method']}/seed{r['seed']}"
         if key in out:
