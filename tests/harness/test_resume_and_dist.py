@@ -31,7 +31,8 @@ def _env() -> dict[str, str]:
 
 def _strip(x: object) -> object:
     if isinstance(x, dict):
-        return {k: _strip(v) for k, v in x.items() if k not in WALL}
+        # wall-clock fields, and the rendered "wall s" table columns
+        return {k: _strip(v) for k, v in x.items() if k not in WALL and "wall" not in k}
     if isinstance(x, list):
         return [_strip(v) for v in x]
     return x
