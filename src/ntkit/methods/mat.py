@@ -13,6 +13,12 @@ partial backward (their weight gradients are never computed and their optimizer 
 touched); they still run forward. Modules whose kind has no α are not governed: always active.
 Pruned modules (``controller.pruned``) are never measured and never active.
 
+Faults: a module whose λmax comes out non-finite (NaN / ±Inf from a diverged model, or an
+eigen-decomposition that failed — :class:`torch.linalg.LinAlgError` makes every module of that
+measurement non-finite) keeps its previous active status and temporal state; the thresholds are
+taken over the finite measurements only; a ``RuntimeWarning`` names the modules and the history
+record lists them under ``"nonfinite"``. The next finite evaluation proceeds normally.
+
 Example::
 
     method = build_method("mat", alpha={"head": 0.1}, beta=1e-3, start_epoch=5, interval=8)
@@ -23,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +51,7 @@ from ntkit.methods._common import (
     set_generator_state,
     unwrap,
 )
+from ntkit.methods._selection import check_seed
 from ntkit.methods.base import LoopContext, TrainingMethod, make_config, register_method
 from ntkit.methods.policies import modular_policy, protect, temporal_policy
 from ntkit.partition import Partition
@@ -85,11 +93,13 @@ class MATConfig:
     def __post_init__(self) -> None:
         check_per_kind(self.alpha, "alpha", 0.0, 1.0)
         check_per_kind(self.beta, "beta", 0.0, None)
+        betas = list(self.beta.values()) if isinstance(self.beta, Mapping) else [self.beta]
+        check(all(math.isfinite(b) for b in betas), "beta", self.beta, "finite numbers >= 0")
         _check_int(self.num_samples, "num_samples", 2)
         _check_int(self.start_epoch, "start_epoch", 1)
         _check_int(self.interval, "interval", 1)
         check(isinstance(self.protect, bool), "protect", self.protect, "a bool")
-        _check_int(self.seed, "seed", None)
+        check_seed(self.seed, "seed")
 
 
 def _check_int(value: object, name: str, lo: int | None) -> None:
@@ -122,7 +132,8 @@ class MAT(TrainingMethod):
     (float64, Δ_1, NaN until the 2nd evaluation). ``history`` holds one record per evaluation:
     ``{"event": "mat", "epoch", "step", "evaluation", "lambda_max": {module: λ},
     "threshold": {kind: λ_α}, "active": [module, …], "retired": [newly retired module, …],
-    "num_active": {kind: n}}``.
+    "nonfinite": [module whose λmax was NaN / ±Inf, …], "num_active": {kind: n}}``
+    (``lambda_max`` holds the finite measurements only).
     """
 
     name = "mat"
@@ -161,7 +172,7 @@ class MAT(TrainingMethod):
         else:
             check(
                 self.active.numel() == m,
-                "state.active",
+                f"{self.name}.state.active",
                 self.active.numel(),
                 f"{m} modules (the partition's M)",
             )
@@ -202,6 +213,9 @@ class MAT(TrainingMethod):
         run as their native classes with pruned slices zeroed (:func:`_common.native_layers`, so
         the engine's fast hook strategy applies), and everything is restored after. Under
         ``torch.distributed`` the λmax of rank 0 are broadcast, so all ranks decide the same.
+        If the engine raises :class:`torch.linalg.LinAlgError` (an eigen-decomposition that did
+        not converge, e.g. on a Gram with NaN / Inf), every selected module gets NaN (a
+        ``RuntimeWarning`` says so) and :meth:`decide` keeps their previous decision.
         """
         assert self.partition is not None, "bind() first"
         check(ctx.ntk_batch is not None, "LoopContext.ntk_batch", None, f"a sampler; {self.name} needs one")
@@ -217,34 +231,74 @@ class MAT(TrainingMethod):
                 apply_active(self.controller, ~pruned)
             try:
                 part = self.partition.subset(idx.tolist())
-                lmax = scores.ntk_lambda_max(
-                    unwrap(ctx.model), inputs, part, output_mask, controller=self.controller
-                )
-                lmax = broadcast_from_rank0(lmax)
+                try:
+                    lmax = scores.ntk_lambda_max(
+                        unwrap(ctx.model), inputs, part, output_mask, controller=self.controller
+                    )
+                except torch.linalg.LinAlgError as e:  # e.g. eigvalsh on a Gram with NaN / Inf
+                    warnings.warn(
+                        f"{self.name}: the mNTK eigen-decomposition failed "
+                        f"({' '.join(str(e).split())}); every measured module counts as non-finite",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    lmax = _nan(idx.numel())
+                lmax = broadcast_from_rank0(lmax)  # every rank reaches it, failed or not
             finally:
                 self._dirty = True
                 self._sync()
         out[idx] = lmax
         return out
 
-    def decide(self, ctx: LoopContext, lmax: Tensor) -> Tensor:
-        """Apply the three policies to a measurement (float64 [M], NaN = not measured), update
-        the state, send the active set to the controller, log, and return it (bool [M])."""
+    def decide(self, ctx: LoopContext, lmax: Tensor, measured: Tensor | None = None) -> Tensor:
+        """Apply the three policies to a measurement, update the state, send the active set to the
+        controller, log, and return it (bool [M]).
+
+        Args:
+            lmax: float64 [M], λmax per module; NaN where not measured.
+            measured: bool [M], the modules the measurement covered (default: every governed,
+                unpruned module — what :meth:`on_epoch_end` measures). A non-finite ``lmax``
+                (NaN / ±Inf) of a covered governed module is a fault: the module keeps its previous
+                active status and temporal state, is left out of the thresholds, is named in a
+                ``RuntimeWarning`` and listed in the record's ``"nonfinite"``. Governed modules not
+                covered keep their previous status silently.
+        """
         assert self.partition is not None and self._beta is not None, "bind() first"
         assert self.active is not None and self.retired is not None
         assert self.prev_lmax is not None and self.delta1 is not None
         m = len(self.partition)
+        lmax = lmax.detach().to(device="cpu", dtype=torch.float64).reshape(m)
         pruned = controller_pruned(self.controller, m)
-        measured = ~torch.isnan(lmax)
         governed = self.governed
-        # temporal policy (before the modular one: a module retired now is inactive now)
+        covered = governed & ~pruned
+        if measured is not None:
+            covered = covered & torch.as_tensor(measured, dtype=torch.bool).reshape(m)
+        finite = torch.isfinite(lmax)
+        faulty = covered & ~finite
+        names = self.partition.names
+        nonfinite = [names[i] for i in faulty.nonzero(as_tuple=True)[0].tolist()]
+        if nonfinite:
+            idx = faulty.nonzero(as_tuple=True)[0].tolist()
+            what = ", ".join(f"{names[i]} ({float(lmax[i])})" for i in idx)
+            warnings.warn(
+                f"{self.name}: non-finite λmax for {what}; keeping "
+                + ("its previous decision" if len(nonfinite) == 1 else "their previous decisions"),
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        measured = finite & governed & ~pruned  # what the policies see
+        lmax = torch.where(measured, lmax, torch.tensor(float("nan"), dtype=torch.float64))
+        # temporal policy (before the modular one: a module retired now is inactive now);
+        # NaN in lmax leaves Δ_1 and prev untouched and retires nothing
         step = temporal_policy(lmax, self.prev_lmax, self.delta1, self._beta)
         newly = step.retire & ~self.retired & governed
         self.retired = self.retired | (step.retire & governed)
         self.prev_lmax = torch.where(measured, lmax, self.prev_lmax)
         self.delta1 = step.delta1
-        # modular policy per kind, over the measured (unpruned) modules of the kind
-        active = ~pruned & ~governed
+        # modular policy per kind, over the finite measurements of the kind; governed modules
+        # without one keep their previous status
+        kept = governed & ~pruned & ~measured
+        active = (~pruned & ~governed) | (kept & self.active)
         thresholds: dict[str, float] = {}
         kinds = self.partition.kinds
         for kind, alpha in self._alpha.items():
@@ -254,15 +308,15 @@ class MAT(TrainingMethod):
             act, thresholds[kind] = modular_policy(lmax[sel], alpha)
             active[sel] = act & ~self.retired[sel]
         if self.config.protect:
+            # kept active modules count as the layer's active one; kept inactive ones are never
+            # switched on by the protection (their score is unknown)
             score = torch.where(measured, lmax, torch.tensor(float("-inf"), dtype=torch.float64))
-            active = protect(
-                active, score, self.partition.layers, eligible=governed & measured, preferred=~self.retired
-            )
+            eligible = governed & ~pruned & (measured | active)
+            active = protect(active, score, self.partition.layers, eligible=eligible, preferred=~self.retired)
         self.active = active & ~pruned
         self.evaluations += 1
         self._dirty = True
         self._sync()
-        names = self.partition.names
         rec = {
             "event": "mat",
             "epoch": int(ctx.epoch),
@@ -272,6 +326,7 @@ class MAT(TrainingMethod):
             "threshold": thresholds,
             "active": [names[i] for i in self.active.nonzero(as_tuple=True)[0].tolist()],
             "retired": [names[i] for i in newly.nonzero(as_tuple=True)[0].tolist()],
+            "nonfinite": nonfinite,
             "num_active": {
                 k: int(sum(1 for i, g in enumerate(self.partition) if g.kind == k and bool(self.active[i])))
                 for k in self._alpha

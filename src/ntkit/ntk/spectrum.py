@@ -45,7 +45,8 @@ def spectrum(grams: Tensor) -> Spectrum:
 
     Eigenvalues within ``S · eps · λmax`` of zero are rounding noise of a PSD matrix and are
     clamped to 0 for λmin / the entropy / the condition number; :attr:`Spectrum.eigenvalues`
-    keeps the raw values.
+    keeps the raw values. A Gram with a NaN / ±Inf entry gets NaN for every statistic (the
+    others are computed as usual; ``eigvalsh`` would fail or spread NaN over the whole batch).
     """
     check(isinstance(grams, Tensor) and grams.dim() in (2, 3), "grams", getattr(grams, "shape", grams), "a Tensor [M, S, S]")
     g = grams.detach().to(torch.float64)
@@ -53,6 +54,9 @@ def spectrum(grams: Tensor) -> Spectrum:
         g = g.unsqueeze(0)
     check(g.shape[-1] == g.shape[-2], "grams shape", tuple(grams.shape), "square matrices [M, S, S]")
     g = 0.5 * (g + g.transpose(-1, -2))
+    bad = ~torch.isfinite(g).flatten(1).all(1)  # [M]
+    if bool(bad.any()):
+        g = torch.where(bad[:, None, None], torch.zeros_like(g), g)
     ev = torch.linalg.eigvalsh(g)  # ascending
     lmax = ev[:, -1]
     tol = g.shape[-1] * torch.finfo(torch.float64).eps * lmax.abs().clamp_min(torch.finfo(torch.float64).tiny)
@@ -63,6 +67,11 @@ def spectrum(grams: Tensor) -> Spectrum:
     p = pos / torch.where(total > 0, total, torch.ones_like(total))
     ent = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
     cond = torch.where(lmin > 0, lmax / torch.where(lmin > 0, lmin, torch.ones_like(lmin)), torch.full_like(lmax, math.inf))
+    if bool(bad.any()):
+        ev, lmax, lmin, ent, cond = (
+            torch.where(bad.view(-1, *[1] * (t.dim() - 1)), torch.full_like(t, math.nan), t)
+            for t in (ev, lmax, lmin, ent, cond)
+        )
     return Spectrum(
         eigenvalues=ev,
         lambda_max=lmax,
