@@ -108,9 +108,9 @@ def test_rand_kinds_and_pruned():
     act = ctl.active
     assert not act[:2].any()
     assert _kind_counts(part, act) == {"head": 5, "expert": 8}  # 10 unpruned heads → 5; experts untouched
-    with pytest.raises(ConfigError, match=r"^kinds=\['filter'\]: expected kinds present"):
+    with pytest.raises(ConfigError, match=r"^rand\.kinds=\[.filter.\]: expected kinds present"):
         Rand(kinds=["filter"]).bind(MODEL, part, FakeController(len(part)))
-    with pytest.raises(ConfigError, match=r"^fraction=0: expected"):
+    with pytest.raises(ConfigError, match=r"^rand\.fraction=0: expected"):
         Rand(fraction=0)
 
 
@@ -175,7 +175,7 @@ def test_multirate_split_half_per_kind_without_protection_and_round_trip():
     ctx.step = 3
     mr2.before_step(ctx)
     assert ctl2.active.tolist() == (~mr.slow).tolist()
-    with pytest.raises(ConfigError, match=r"^k=0: expected an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"^multirate\.k=0: expected an integer >= 1"):
         Multirate(k=0)
-    with pytest.raises(ConfigError, match=r"^slow_fraction=1\.5"):
+    with pytest.raises(ConfigError, match=r"^multirate\.slow_fraction=1\.5"):
         Multirate(slow_fraction=1.5)

@@ -1,4 +1,5 @@
-"""Which modules a random baseline governs, shared by Rand and Multirate (private)."""
+"""Which modules a random baseline governs (Rand, Multirate), and config validators shared with
+MAT (private)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from torch import Tensor
 from ntkit.errors import check
 from ntkit.partition import Partition
 
-__all__ = ["check_kinds", "governed_mask"]
+__all__ = ["SEED_MAX", "check_kinds", "check_seed", "governed_mask"]
+
+SEED_MAX = 2**64 - 1  # the largest seed torch.Generator.manual_seed accepts
+
+
+def check_seed(seed: object, field: str) -> None:
+    """A generator seed: an integer in [0, 2**64 − 1] (what ``torch.Generator.manual_seed`` takes)."""
+    ok = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX
+    check(ok, field, seed, "an integer in [0, 2**64 - 1]")
 
 
 def check_kinds(kinds: object, field: str) -> None:

@@ -29,7 +29,7 @@ from ntkit.methods._common import (
     kind_ids,
     set_generator_state,
 )
-from ntkit.methods._selection import check_kinds, governed_mask
+from ntkit.methods._selection import check_kinds, check_seed, governed_mask
 from ntkit.methods.base import LoopContext, TrainingMethod, make_config, register_method
 from ntkit.methods.policies import protect, random_subset
 from ntkit.partition import Partition
@@ -71,7 +71,7 @@ class MultirateConfig:
         check_kinds(self.kinds, "kinds")
         check(isinstance(self.per_layer, bool), "per_layer", self.per_layer, "a bool")
         check(isinstance(self.protect, bool), "protect", self.protect, "a bool")
-        check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", self.seed, "an integer")
+        check_seed(self.seed, "seed")
 
 
 @register_method("multirate", config=MultirateConfig)
@@ -96,7 +96,7 @@ class Multirate(TrainingMethod):
 
     def bind(self, model: nn.Module, partition: Partition, controller: Any) -> None:
         super().bind(model, partition, controller)
-        gov = governed_mask(partition, self.config.kinds, "kinds")
+        gov = governed_mask(partition, self.config.kinds, f"{self.name}.kinds")
         if self.slow is None:
             pruned = controller_pruned(controller, len(partition))
             eligible = gov & ~pruned
@@ -121,7 +121,7 @@ class Multirate(TrainingMethod):
         else:
             check(
                 self.slow.numel() == len(partition),
-                "state.slow",
+                f"{self.name}.state.slow",
                 self.slow.numel(),
                 f"{len(partition)} modules",
             )

@@ -26,7 +26,7 @@ from ntkit.methods._common import (
     kind_ids,
     set_generator_state,
 )
-from ntkit.methods._selection import check_kinds, governed_mask
+from ntkit.methods._selection import check_kinds, check_seed, governed_mask
 from ntkit.methods.base import LoopContext, TrainingMethod, make_config, register_method
 from ntkit.methods.policies import protect, random_subset
 from ntkit.partition import Partition
@@ -58,7 +58,7 @@ class RandConfig:
         check_kinds(self.kinds, "kinds")
         check(isinstance(self.per_layer, bool), "per_layer", self.per_layer, "a bool")
         check(isinstance(self.protect, bool), "protect", self.protect, "a bool")
-        check(isinstance(self.seed, int) and not isinstance(self.seed, bool), "seed", self.seed, "an integer")
+        check_seed(self.seed, "seed")
 
 
 @register_method("rand", config=RandConfig)
@@ -78,7 +78,7 @@ class Rand(TrainingMethod):
 
     def bind(self, model: nn.Module, partition: Partition, controller: Any) -> None:
         super().bind(model, partition, controller)
-        governed_mask(partition, self.config.kinds, "kinds")  # validate early
+        governed_mask(partition, self.config.kinds, f"{self.name}.kinds")  # validate early
         if self.active is None:
             self.active = ~controller_pruned(controller, len(partition))
         apply_active(controller, self.active)
@@ -88,7 +88,7 @@ class Rand(TrainingMethod):
         assert self.partition is not None, "bind() first"
         part = self.partition
         pruned = controller_pruned(self.controller, len(part))
-        gov = governed_mask(part, self.config.kinds, "kinds")
+        gov = governed_mask(part, self.config.kinds, f"{self.name}.kinds")
         eligible = gov & ~pruned
         drawn = random_subset(
             kind_ids(part, self.config.per_layer), self.config.fraction, self.generator, eligible=eligible
