@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -71,7 +72,7 @@ class MATConfig:
         alpha: α ∈ [0, 1] per module kind, e.g. ``{"head": 0.1, "expert": 0.2, "filter": 0.2}``;
             a single number applies to every kind. Kinds without an α are not governed (always
             active). Larger α = higher threshold = fewer active modules.
-        beta: β ≥ 0 of the temporal policy (a number, or a mapping per kind); a module retires
+        beta: finite β ≥ 0 of the temporal policy (a number, or a mapping per kind); a module retires
             once Δ_t/Δ_1 < β. 0 disables retirement.
         num_samples: S ≥ 2, training samples drawn for each mNTK evaluation (Grams are S×S).
         start_epoch: ≥ 1; the first evaluation runs at the end of epoch ``start_epoch − 1``
@@ -79,7 +80,8 @@ class MATConfig:
         interval: ≥ 1, epochs between evaluations (evaluate when ``epoch + 1 ≥ start_epoch`` and
             ``(epoch + 1 − start_epoch) % interval == 0``).
         protect: keep ≥ 1 active module per layer (the protecting strategy).
-        seed: seed of the generator that draws the S samples (saved in ``state_dict``).
+        seed: seed of the generator that draws the S samples, an integer in [0, 2**64 − 1]
+            (the generator state is saved in ``state_dict``).
     """
 
     alpha: float | dict[str, float] = field(default_factory=_default_alpha)
@@ -94,7 +96,7 @@ class MATConfig:
         check_per_kind(self.alpha, "alpha", 0.0, 1.0)
         check_per_kind(self.beta, "beta", 0.0, None)
         betas = list(self.beta.values()) if isinstance(self.beta, Mapping) else [self.beta]
-        check(all(math.isfinite(b) for b in betas), "beta", self.beta, "finite numbers >= 0")
+        check(all(abs(b) <= sys.float_info.max for b in betas), "beta", self.beta, "finite numbers >= 0")
         _check_int(self.num_samples, "num_samples", 2)
         _check_int(self.start_epoch, "start_epoch", 1)
         _check_int(self.interval, "interval", 1)

@@ -47,7 +47,7 @@ class MultirateConfig:
         kinds: module kinds to split (None = all); other kinds are always fast.
         per_layer: draw the split within each layer (VGG reading) instead of per kind overall.
         protect: keep ≥ 1 fast module per layer.
-        seed: seed of the split.
+        seed: seed of the split, an integer in [0, 2**64 − 1].
     """
 
     k: int = 5

@@ -43,7 +43,8 @@ class RandConfig:
         kinds: module kinds to randomise (None = every kind in the partition).
         per_layer: draw ``fraction`` within each layer instead of over the whole network.
         protect: keep ≥ 1 active module per layer (protecting strategy, applied to all baselines).
-        seed: seed of the draw (the generator state is saved in ``state_dict``).
+        seed: seed of the draw, an integer in [0, 2**64 − 1] (the generator state is saved in
+            ``state_dict``).
     """
 
     fraction: float = 0.5
