@@ -10,22 +10,34 @@ schedules and one pruner; physical removal lives in :mod:`ntkit.sparse.surgery`.
 from __future__ import annotations
 
 from ntkit.pruning.importance import (
+    DPFPS,
+    FPGM,
     SCORERS,
+    Chip,
+    GateScore,
+    GraSP,
     LambdaMax,
     Magnitude,
     RandomScore,
     ScoreData,
     Scorer,
     Snip,
+    chip_independence,
     get_scorer,
     ntk_lambda_max,
+    output_slices,
     snip_scores,
 )
 from ntkit.pruning.pruner import Pruner, PruneResult
 from ntkit.pruning.schedules import Iterative, Linear, OneShot
 
 __all__ = [
+    "DPFPS",
+    "FPGM",
     "SCORERS",
+    "Chip",
+    "GateScore",
+    "GraSP",
     "Iterative",
     "LambdaMax",
     "Linear",
@@ -37,7 +49,9 @@ __all__ = [
     "ScoreData",
     "Scorer",
     "Snip",
+    "chip_independence",
     "get_scorer",
     "ntk_lambda_max",
+    "output_slices",
     "snip_scores",
 ]
