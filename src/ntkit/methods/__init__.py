@@ -26,6 +26,7 @@ from ntkit.methods.base import (
     method_info,
     register_method,
 )
+from ntkit.methods.lth import LTH, LTHConfig
 from ntkit.methods.mat import MAT, MATConfig
 from ntkit.methods.mat_prune import MATPrune, MATPruneConfig
 from ntkit.methods.multirate import Multirate, MultirateConfig
@@ -34,12 +35,15 @@ from ntkit.methods.policies import modular_policy, protect, prune_lowest, tempor
 from ntkit.methods.random_modules import Rand, RandConfig
 from ntkit.methods.scores import ntk_lambda_max, snip_scores
 from ntkit.methods.snip_struct import SnipStruct, SnipStructConfig
+from ntkit.methods.structured_prune import StructuredPrune, StructuredPruneConfig
 from ntkit.methods.vanilla import Vanilla, VanillaConfig
 
 __all__ = [
+    "LTH",
     "MAT",
     "METHODS",
     "NTT",
+    "LTHConfig",
     "LoopContext",
     "MATConfig",
     "MATPrune",
@@ -52,6 +56,8 @@ __all__ = [
     "RandConfig",
     "SnipStruct",
     "SnipStructConfig",
+    "StructuredPrune",
+    "StructuredPruneConfig",
     "TrainingMethod",
     "Vanilla",
     "VanillaConfig",
