@@ -21,6 +21,9 @@ KW = {
     "multirate": {"k": 2, "seed": 1},
     "mat_prune": {"prune_epoch": 1, "start_epoch": 1, "interval": 1, "num_samples": 3},
     "snip_struct": {"fraction": 0.5},
+    # masks only here (this plain loop has no change_structure); surgery: tests/methods/test_structured_prune.py
+    "structured_prune": {"criterion": "att_score", "ratio": 0.5, "t": 0, "surgery": False},
+    "lth": {"ratio": 0.5, "rounds": 2, "t0": 0, "rewind_frac": 0.2, "epochs": 3, "surgery": False},
     "ntt": {"steps": 1},  # acts only at_init (tests/methods/test_ntt.py); here: hooks are no-ops
 }
 
