@@ -135,6 +135,24 @@ VALID = {
         "protect": st.booleans(),
         "batch_size": st.integers(0, 4),
     },
+    "structured_prune": {
+        "criterion": st.sampled_from(["l1", "l2", "random", "fpgm"]),  # label- and data-free with this _ctx
+        "kind": st.sampled_from(KINDS),
+        "ratio": st.floats(0.0, 0.99),
+        "schedule": st.sampled_from(["oneshot", "linear", "iterative"]),
+        "t": st.integers(0, 2),
+        "rounds": st.integers(1, 3),
+        "surgery": st.just(False),
+        "seed": SEED,
+    },
+    "lth": {
+        "kind": st.sampled_from(KINDS),
+        "ratio": st.floats(0.0, 0.99),
+        "rounds": st.integers(1, 3),
+        "t0": st.integers(1, 2),
+        "rewind_frac": st.floats(0.0, 0.2),
+        "surgery": st.just(False),
+    },
     "ntt": {
         "density": st.floats(0.0, 1.0, exclude_min=True),
         "scope": st.sampled_from(SCOPES),
