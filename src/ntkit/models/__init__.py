@@ -160,9 +160,11 @@ def lenet5_caffe(num_classes: int = 10, in_channels: int = 1, image_size: int = 
 
 
 @register_model()
-def conv4(num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> Conv4:
-    """Conv-4 of seed 003 Table 1 (4 convs + 2 Linear with dropout), Glorot init."""
-    return Conv4(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+def conv4(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, padding: str = "keras") -> Conv4:
+    """Conv-4 of seed 003 Table 1 (4 convs + 2 Linear with dropout), Glorot init. ``padding``:
+    ``"keras"`` (same, valid; ``fc1`` 4608 inputs at 32×32) or ``"valid"`` (the NTT authors' code;
+    3200 inputs), see :class:`Conv4`."""
+    return Conv4(num_classes=num_classes, in_channels=in_channels, image_size=image_size, padding=padding)
 
 
 @register_model()
