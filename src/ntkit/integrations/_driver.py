@@ -119,8 +119,10 @@ class MethodDriver:
     def check_optimizer(self, opt: Any) -> None:
         """Refuse an optimizer that would move inactive modules (one line naming it)."""
         inner = opt
-        while not isinstance(inner, SlicedAdamW) and hasattr(inner, "optimizer"):
-            inner = inner.optimizer  # accelerate / Lightning wrappers
+        for _ in range(4):  # accelerate's AcceleratedOptimizer (.optimizer), LightningOptimizer (._optimizer)
+            if isinstance(inner, SlicedAdamW):
+                break
+            inner = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None) or inner
         if not isinstance(inner, SlicedAdamW) or inner.ctl is not self.controller:
             raise ConfigError(
                 f"optimizer={type(inner).__name__}: expected the callback's optimizer (callback.optimizer(lr=...)), a "
