@@ -9,6 +9,7 @@ schedules and one pruner; physical removal lives in :mod:`ntkit.sparse.surgery`.
 
 from __future__ import annotations
 
+from ntkit.pruning.dependency import CouplingSet, coupled_channel_groups, coupling_sets
 from ntkit.pruning.importance import (
     DPFPS,
     FPGM,
@@ -36,6 +37,7 @@ __all__ = [
     "FPGM",
     "SCORERS",
     "Chip",
+    "CouplingSet",
     "GateScore",
     "GraSP",
     "Iterative",
@@ -50,6 +52,8 @@ __all__ = [
     "Scorer",
     "Snip",
     "chip_independence",
+    "coupled_channel_groups",
+    "coupling_sets",
     "get_scorer",
     "ntk_lambda_max",
     "output_slices",

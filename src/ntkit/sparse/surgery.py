@@ -22,8 +22,14 @@ re-binds the method.
     registered per model class: :class:`~ntkit.models.VGG16` (the next conv of ``features``, or the
     ``classifier`` after the last one) and :class:`~ntkit.models.ResNet56` (only ``conv1`` of a
     basic block, consumed by its ``conv2``; every other ResNet conv feeds a residual sum, whose
-    channels are coupled across a whole stage — removing them needs a dependency graph such as
-    ``torch-pruning``'s, which is not a dependency of ntkit).
+    channels are coupled across a whole stage: see the next item).
+  - residual-coupled channels (group kind ``"channel"``, from
+    :func:`ntkit.pruning.dependency.coupled_channel_groups`): a rule registered *by group kind*
+    (:func:`register_kind_rule`) in :mod:`ntkit.pruning.dependency` removes the channel from every
+    layer writing it (dim 0 of conv / BatchNorm weight, bias, running statistics) and every layer
+    reading it (dim 1 of the following convs, the classifier's input columns). The coupling comes
+    from the rule registered for the model class (the zoo ResNet56), else from torch-pruning's
+    dependency graph traced on ``example_input``.
 * Group names are stable: the new partition is the old one minus the removed groups, its slices
   re-indexed (not rebuilt by a builder), so a record of removed names stays meaningful for the
   original model and :func:`replay` of every surgery's names reproduces the structure.
@@ -47,6 +53,7 @@ __all__ = [
     "StructureChange",
     "carry_optimizer_state",
     "register_consumers",
+    "register_kind_rule",
     "register_layer_rule",
     "remove_groups",
     "replay",
@@ -98,9 +105,10 @@ class StructureChange:
 class _Plan:
     """What to remove: per parameter / buffer name, per dim, a set of indices."""
 
-    def __init__(self) -> None:
+    def __init__(self, example_input: object = None) -> None:
         self.params: dict[str, dict[int, set[int]]] = {}
         self.buffers: dict[str, dict[int, set[int]]] = {}
+        self.example_input = example_input  # for rules that trace the model (coupled channels)
 
     def remove(self, name: str, dim: int, indices: Sequence[int] | range, *, buffer: bool = False) -> None:
         table = self.buffers if buffer else self.params
@@ -114,6 +122,10 @@ _LAYER_RULES: dict[type, LayerRule] = {}
 #: a consumer rule: (model, conv name) → [(parameter name, dim)] reading the conv's output channels.
 ConsumerRule = Callable[[nn.Module, str], list[tuple[str, int]]]
 _CONSUMERS: dict[type, ConsumerRule] = {}
+#: rules keyed by group kind (checked before the layer-module rules): for groups whose ``layer`` is
+#: not one module, e.g. a residual-coupled channel set. The rule's ``layer module`` is the module
+#: named ``layer`` if there is one, else None.
+_KIND_RULES: dict[str, LayerRule] = {}
 
 
 def register_layer_rule(layer_type: type) -> Callable[[LayerRule], LayerRule]:
@@ -121,6 +133,16 @@ def register_layer_rule(layer_type: type) -> Callable[[LayerRule], LayerRule]:
 
     def deco(fn: LayerRule) -> LayerRule:
         _LAYER_RULES[layer_type] = fn
+        return fn
+
+    return deco
+
+
+def register_kind_rule(kind: str) -> Callable[[LayerRule], LayerRule]:
+    """Register the surgery rule for groups of ``kind`` (whatever their layer module is)."""
+
+    def deco(fn: LayerRule) -> LayerRule:
+        _KIND_RULES[kind] = fn
         return fn
 
     return deco
@@ -250,6 +272,8 @@ def _register_zoo() -> None:
             )
         return [(f"{head}.conv2.weight", 1)]
 
+    import ntkit.pruning.dependency  # noqa: F401  (registers the "channel" kind rule)
+
 
 # ======================================================================== surgery
 def _attached(model: nn.Module) -> bool:
@@ -271,7 +295,8 @@ def _keep(size: int, gone: set[int]) -> Tensor:
 
 
 def remove_groups(
-    model: nn.Module, partition: Partition, names: Sequence[str], *, controller: Any = None
+    model: nn.Module, partition: Partition, names: Sequence[str], *, controller: Any = None,
+    example_input: object = None,
 ) -> StructureChange:
     """Physically remove the partition groups ``names`` from ``model`` (in place).
 
@@ -283,6 +308,8 @@ def remove_groups(
         controller: the :class:`~ntkit.sparse.SparseController` attached to ``model``, if any; it
             is detached first (attach a new one to the returned model and partition). A model with
             a controller attached and none given raises :class:`ConfigError`.
+        example_input: what ``model(...)`` takes; only for ``"channel"`` groups of a model with no
+            registered coupling rule (traced once with torch-pruning to find the coupled layers).
 
     Returns:
         :class:`StructureChange` (``kept`` / ``also_kept`` / ``renamed`` / the re-indexed partition).
@@ -303,7 +330,7 @@ def remove_groups(
     gone = set(names)
     old_ids = {id(p): n for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
-    plan = _Plan()
+    plan = _Plan(example_input)
     by_layer: dict[str, list[ModuleGroup]] = {}
     for g in partition:
         if g.name in gone:
@@ -314,11 +341,20 @@ def remove_groups(
     posts: list[Callable[[], None]] = []
     for layer, groups in by_layer.items():
         mod = modules.get(layer)
-        rule = None if mod is None else _lookup(_LAYER_RULES, mod)
+        kinds = {g.kind for g in groups} & set(_KIND_RULES)
+        if len(kinds) > 1 or (kinds and len({g.kind for g in groups}) > 1):
+            raise UnsupportedModelError(
+                f"remove_groups: layer {layer!r} holds groups of kinds {sorted({g.kind for g in groups})}; "
+                f"one kind per layer"
+            )
+        if kinds:
+            rule = _KIND_RULES[kinds.pop()]
+        else:
+            rule = None if mod is None else _lookup(_LAYER_RULES, mod)
         if rule is None:
             raise UnsupportedModelError(
                 f"remove_groups: layer {layer!r} ({type(mod).__name__}) has no surgery rule "
-                f"(supported: attention heads, MoE experts, conv filters)"
+                f"(supported: attention heads, MoE experts, conv filters, coupled channels)"
             )
         posts += rule(model, layer, mod, groups, plan)
     owners: dict[int, int] = {}
@@ -390,13 +426,15 @@ def _reindex(partition: Partition, gone: set[str], change: StructureChange) -> P
 
 
 def replay(
-    model: nn.Module, partition: Partition, removed: Sequence[str] | Sequence[Sequence[str]]
+    model: nn.Module, partition: Partition, removed: Sequence[str] | Sequence[Sequence[str]], *,
+    example_input: object = None,
 ) -> StructureChange:
     """Reproduce recorded surgery on a freshly built ``model`` (+ its original ``partition``), e.g.
     before ``load_state_dict`` of a pruned checkpoint.
 
     ``removed``: the group names of one surgery, or one list per surgery (``StructureChange.removed``
     of each, in order). Group names are stable across surgeries, so all rounds are applied at once.
+    ``example_input``: as in :func:`remove_groups`.
     """
     flat: list[str] = []
     for item in removed:
@@ -404,7 +442,7 @@ def replay(
     dup = {n for n in flat if flat.count(n) > 1}
     if dup:
         raise ConfigError(f"replay: removed={sorted(dup)!r}: each group can be removed once")
-    return remove_groups(model, partition, flat)
+    return remove_groups(model, partition, flat, example_input=example_input)
 
 
 # ======================================================================== optimizer state
