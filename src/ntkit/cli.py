@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=sorted(BENCHES), help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
 
+    _add_analyze_parser(sub)
+
     rep = sub.add_parser(
         "report",
         help="re-render report.md of a run directory from results.json",
@@ -128,6 +130,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("run_dir", help="a directory written by `ntkit run`")
     return p
+
+
+def _add_analyze_parser(sub: Any) -> None:
+    an = sub.add_parser(
+        "analyze",
+        help="plot the mNTK dynamics of a recipe's model over training (λmax heatmaps, spectra, Tr(H))",
+        description="Train RECIPE's model with vanilla at --tier (or read the checkpoints in OUT/checkpoints/ "
+        "of a finished run) and, at initialisation and every epoch, compute per-head mNTK λmax / effective "
+        "rank, the NTK eigen-spectrum with its information / nuisance split, the NTK condition number and "
+        "the Hessian trace; writes PNG figures and CSV tables to --out (see ntkit.analyze).",
+    )
+    an.add_argument("--recipe", required=True, help="recipe name (see `ntkit ls recipes`), e.g. mat-bert")
+    an.add_argument("--tier", default="ci", choices=_TIERS, help="recipe tier (default: ci)")
+    an.add_argument("--data-dir", default=None, help="dataset directory (default: $NTKIT_DATA_DIR when set)")
+    an.add_argument("--out", default=None, help="output directory (default: runs/analyze-RECIPE-TIER)")
+    an.add_argument("--num-samples", type=int, default=None, help="probe samples S (default: the recipe's MAT S)")
+    an.add_argument("--num-probes", type=int, default=4, help="Hutchinson probes per Hessian trace (default: 4)")
+    an.add_argument("--info-share", type=float, default=0.9,
+                    help="share of the NTK trace in the information space (default: 0.9)")
+    an.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="recipe config overrides")
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from ntkit.analyze import analyze
+    from ntkit.recipes import get_recipe
+
+    get_recipe(args.recipe)  # unknown recipe → one-line error before anything is created
+    data_dir = args.data_dir if args.data_dir is not None else os.environ.get("NTKIT_DATA_DIR") or None
+    out = args.out or str(Path("runs") / f"analyze-{args.recipe}-{args.tier}")
+    doc = analyze(args.recipe, args.tier, out, data_dir, overrides=args.overrides, num_samples=args.num_samples,
+                  num_probes=args.num_probes, info_share=args.info_share)
+    print(f"analysed epochs {doc['epochs']}; wrote {', '.join(doc['files'])} to {out}")
+    return 0
 
 
 # --------------------------------------------------------------------------- commands
@@ -266,6 +301,7 @@ _COMMANDS: dict[str, Any] = {
     "run": _cmd_run,
     "bench": _cmd_bench,
     "report": _cmd_report,
+    "analyze": _cmd_analyze,
 }
 
 
