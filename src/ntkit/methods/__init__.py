@@ -31,6 +31,7 @@ from ntkit.methods.mat import MAT, MATConfig
 from ntkit.methods.mat_prune import MATPrune, MATPruneConfig
 from ntkit.methods.multirate import Multirate, MultirateConfig
 from ntkit.methods.ntt import NTT, NTTConfig
+from ntkit.methods.plreg import PLReg, PLRegConfig
 from ntkit.methods.policies import modular_policy, protect, prune_lowest, temporal_policy
 from ntkit.methods.random_modules import Rand, RandConfig
 from ntkit.methods.scores import ntk_lambda_max, snip_scores
@@ -52,6 +53,8 @@ __all__ = [
     "Multirate",
     "MultirateConfig",
     "NTTConfig",
+    "PLReg",
+    "PLRegConfig",
     "Rand",
     "RandConfig",
     "SnipStruct",
