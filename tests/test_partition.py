@@ -20,6 +20,7 @@ from ntkit.partition import (
     layers,
     linear_neurons,
     moe_experts,
+    param_owners,
 )
 
 V = 40
@@ -391,6 +392,49 @@ def test_groups_by_layer():
     assert list(by_layer) == ["blocks.0.attn", "blocks.1.attn", "blocks.0.ffn", "blocks.1.ffn"]
     assert by_layer["blocks.1.attn"] == [2, 3] and by_layer["blocks.0.ffn"] == [4, 5, 6, 7]
     assert list(part.groups_by_layer("expert")) == ["blocks.0.ffn", "blocks.1.ffn"]
+
+
+def test_kind_mask_selects_groups_by_kind():
+    part = auto(build_model("switch_mlm", vocab_size=V))  # 4 heads then 8 experts
+    heads = part.kind_mask("head")
+    assert heads.dtype == torch.bool and heads.tolist() == [True] * 4 + [False] * 8
+    assert part.kind_mask("expert").tolist() == [False] * 4 + [True] * 8
+    assert part.kind_mask(["head", "expert"]).all() and part.kind_mask(None).all()
+    assert not part.kind_mask("filter").any() and part.kind_mask([]).numel() == len(part)
+
+
+def test_group_index_maps_positions_to_owning_groups():
+    model = _Tiny()
+    part = Partition.from_slices(
+        {"a": [("fc.weight", 0, [0, 1]), ("fc.bias", 0, [0, 1])], "b": [("fc.weight", 0, [4])]}
+    ).bind(model)
+    idx = part.group_index(model)
+    assert list(idx) == ["fc.weight", "fc.bias"]
+    dim, owner = idx["fc.weight"]
+    assert dim == 0 and owner.dtype == torch.int64 and owner.tolist() == [0, 0, -1, -1, 1, -1]
+    assert idx["fc.bias"][1].tolist() == [0, 0, -1, -1, -1, -1]
+    cols = Partition.from_slices({"c": [("fc.weight", 1, range(1, 3))]}).bind(model).group_index(model)
+    assert cols["fc.weight"][0] == 1 and cols["fc.weight"][1].tolist() == [-1, 0, 0, -1]
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(5, 3)
+        self.dec = nn.Linear(3, 5)
+        self.dec.weight = self.emb.weight  # tied
+        self.alias = self.dec  # the same module under a second name
+
+
+def test_param_owners_lists_every_module_of_tied_weights_once():
+    model = _Tied()
+    owners = param_owners(model)
+    assert [(o.name, o.attr) for o in owners[id(model.emb.weight)]] == [("emb", "weight"), ("dec", "weight")]
+    assert [(o.name, o.module, o.attr) for o in owners[id(model.dec.bias)]] == [("dec", model.dec, "bias")]
+    assert len(owners) == 2
+    root = nn.Module()
+    root.register_parameter("scale", nn.Parameter(torch.ones(1)))
+    assert [(o.name, o.attr) for o in param_owners(root)[id(root.scale)]] == [("", "scale")]
 
 
 class _ProjAttention(nn.Module):

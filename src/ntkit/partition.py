@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,7 @@ from ntkit.errors import ConfigError
 
 __all__ = [
     "ModuleGroup",
+    "ParamOwner",
     "ParamSlice",
     "Partition",
     "attention_heads",
@@ -34,6 +36,7 @@ __all__ = [
     "layers",
     "linear_neurons",
     "moe_experts",
+    "param_owners",
 ]
 
 
@@ -207,6 +210,14 @@ class Partition:
     def layers(self) -> list[str]:
         return [g.layer for g in self.groups]
 
+    def kind_mask(self, kind: str | Iterable[str] | None) -> Tensor:
+        """bool [M] (CPU): True for the groups of ``kind`` (one kind, or any of several kinds);
+        ``None`` selects every group."""
+        if kind is None:
+            return torch.ones(len(self.groups), dtype=torch.bool)
+        kinds = {kind} if isinstance(kind, str) else set(kind)
+        return torch.tensor([g.kind in kinds for g in self.groups], dtype=torch.bool)
+
     def indices(self, kind: str | None = None) -> list[int]:
         """Indices of the groups of ``kind`` (all groups when None)."""
         return [i for i, g in enumerate(self.groups) if kind is None or g.kind == kind]
@@ -240,6 +251,20 @@ class Partition:
             v.sort(key=lambda it: it[1].start)
         return out
 
+    def group_index(self, model: nn.Module) -> dict[str, tuple[int, Tensor]]:
+        """``{param_name: (dim, owner)}`` for every covered parameter: the sliced dimension and
+        ``owner`` int64 [size of that dim] (CPU), the index of the group owning each position, −1
+        where no group owns it (shared)."""
+        params = dict(model.named_parameters())
+        out: dict[str, tuple[int, Tensor]] = {}
+        for pname, items in self.param_slices().items():
+            dim = items[0][1].dim
+            owner = torch.full((params[pname].shape[dim],), -1, dtype=torch.long)
+            for gi, s in items:
+                owner[s.start : s.stop] = gi
+            out[pname] = (dim, owner)
+        return out
+
     def element_masks(self, model: nn.Module, active: Tensor | Sequence[bool]) -> dict[str, Tensor]:
         """Boolean masks (shaped like each covered parameter, on its device): True where the
         element belongs to an active group. Elements of a covered parameter that no group owns
@@ -269,6 +294,26 @@ class Partition:
 # when the model has nothing of the requested kind.
 
 _ROOT = "<root>"
+
+
+class ParamOwner(NamedTuple):
+    """A module that registers a parameter directly: ``getattr(module, attr) is parameter``."""
+
+    name: str  # qualified module name as in ``named_modules()`` ("" for the model itself)
+    module: nn.Module
+    attr: str
+
+
+def param_owners(model: nn.Module) -> dict[int, list[ParamOwner]]:
+    """``id(parameter)`` → every module registering it directly, in ``named_modules()`` order
+    (tied / shared weights: several; a module registered under several names appears once,
+    under its first name)."""
+    out: dict[int, list[ParamOwner]] = {}
+    for mname, m in model.named_modules():
+        for attr, p in m._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append(ParamOwner(mname, m, attr))
+    return out
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
@@ -507,25 +552,15 @@ def _filter_groups(model: nn.Module, example_input: object = None) -> list[Modul
     return groups
 
 
-def _owners(model: nn.Module) -> dict[int, int]:
-    """id(parameter) → number of modules that register it directly (> 1: tied/shared)."""
-    count: dict[int, int] = {}
-    for m in model.modules():
-        for p in m._parameters.values():
-            if p is not None:
-                count[id(p)] = count.get(id(p), 0) + 1
-    return count
-
-
 def _neuron_groups(model: nn.Module) -> list[ModuleGroup]:
     names = _param_names(model)
-    owners = _owners(model)
+    owners = param_owners(model)
     groups: list[ModuleGroup] = []
     for mname, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or owners[id(m.weight)] > 1:
+        if not isinstance(m, nn.Linear) or len(owners[id(m.weight)]) > 1:
             continue
         w = names[id(m.weight)]
-        b = names[id(m.bias)] if m.bias is not None and owners[id(m.bias)] == 1 else None
+        b = names[id(m.bias)] if m.bias is not None and len(owners[id(m.bias)]) == 1 else None
         layer = _layer_name(mname)
         for r in range(m.out_features):
             slices = [ParamSlice(w, 0, r, r + 1)]

@@ -47,7 +47,9 @@ Implementations (private, chosen by :class:`NTKImplementation`):
   ``JACOBIAN``. :func:`explain_empirical_ntk` reports the choice and the reason.
 
 Requirements (both paths): sample i's output depends only on sample i — dropout layers with
-p > 0 and batch-norm layers must be in eval mode (refused otherwise). The structured path
+p > 0 (also attention dropout), batch-norm layers and MoE layers with expert capacity must be in
+eval mode, and batch norm must have running statistics (refused otherwise, the same check as
+:func:`~ntkit.ntk.modular_ntk`). The structured path
 assumes each parameter is used only through its own module's forward (a weight also used
 functionally elsewhere is not detected; force ``JACOBIAN`` for such models).
 """
@@ -60,11 +62,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 from ntkit.errors import ConfigError, UnsupportedModelError, check
+from ntkit.ntk._layers import check_independent, unfold
+from ntkit.partition import param_owners
 
 __all__ = ["NTKImplementation", "NTKPlan", "empirical_ntk", "explain_empirical_ntk"]
 
@@ -107,24 +110,7 @@ class _Unsupported(Exception):
     """Internal: the structured path does not apply (message says why)."""
 
 
-# ------------------------------------------------------------------------------------------ checks
-def _check_independent(model: nn.Module) -> None:
-    """Refuse modules that couple samples or randomise outputs in training mode."""
-    for name, mod in model.named_modules():
-        if not mod.training:
-            continue
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            raise UnsupportedModelError(
-                f"module {name or type(mod).__name__!r} ({type(mod).__name__}) is in training mode: "
-                "batch statistics couple samples; call model.eval() before empirical_ntk"
-            )
-        if isinstance(mod, nn.modules.dropout._DropoutNd) and mod.p > 0:
-            raise UnsupportedModelError(
-                f"module {name or type(mod).__name__!r} ({type(mod).__name__}, p={mod.p}) is in training "
-                "mode: dropout makes the kernel random; call model.eval() before empirical_ntk"
-            )
-
-
+# ------------------------------------------------------------------------------------------ inputs
 def _effective_params(
     model: nn.Module,
     params: Mapping[str, Tensor] | None,
@@ -191,9 +177,9 @@ def _ntk_jacobian(
 def _param_owners(model: nn.Module) -> dict[str, nn.Module]:
     """``{module_name: module}`` for every module with parameters; raises :class:`_Unsupported`
     unless each is a supported leaf layer owning its parameters exclusively."""
+    first = param_owners(model)
     owners: dict[str, nn.Module] = {}
-    ids: dict[int, str] = {}
-    for mname, mod in model.named_modules(remove_duplicate=False):
+    for mname, mod in model.named_modules():
         own = [(pn, p) for pn, p in mod._parameters.items() if p is not None]
         if not own:
             continue
@@ -208,34 +194,11 @@ def _param_owners(model: nn.Module) -> dict[str, nn.Module]:
         if extra:  # e.g. the old-style weight_norm hook (weight_g, weight_v)
             raise _Unsupported(f"{mname} ({type(mod).__name__} with parameters {extra})")
         for pn, p in own:
-            if id(p) in ids:
-                raise _Unsupported(f"parameter {mname}.{pn} is shared with {ids[id(p)]}")
-            ids[id(p)] = f"{mname}.{pn}"
-        if mname in owners:
-            raise _Unsupported(f"module {mname} is registered twice")
+            o = first[id(p)][0]
+            if o.module is not mod:
+                raise _Unsupported(f"parameter {_pname(mname, pn)} is shared with {_pname(o.name, o.attr)}")
         owners[mname] = mod
     return owners
-
-
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) zero padding equivalent to the conv's ``padding``."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0, 0, 0)
-        pads = []
-        for d, k in zip(conv.dilation, conv.kernel_size):  # 'same' (stride 1): extra on the right
-            total = d * (k - 1)
-            pads.append((total // 2, total - total // 2))
-        (t, b), (le, r) = pads
-        return (le, r, t, b)
-    ph, pw = conv.padding
-    return (pw, pw, ph, ph)
-
-
-def _conv_patches(conv: nn.Conv2d, a: Tensor) -> Tensor:
-    """Unfolded input patches U [N, C_in·kh·kw, P] of a Conv2d input a [N, C_in, H, W]."""
-    a = F.pad(a, _conv_padding(conv))
-    return F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=0, stride=conv.stride)
 
 
 def _plan_layer(mod: nn.Module, name: str, masks: Mapping[str, Tensor]) -> str:
@@ -383,7 +346,7 @@ def _ntk_structured(
         else:  # Conv2d
             cout = z.shape[1]
             d = d.reshape(n, k, cout, -1)  # [N, k, C_out, P]
-            u = _conv_patches(mod, a)  # [N, C_in·kh·kw, P]
+            u = unfold(a, mod)  # [N, C_in·kh·kw, P]
             # per-(sample, logit) weight gradients, one bmm per sample: [N, k·C_out, C_in·kh·kw]
             gw = torch.bmm(d.reshape(n, k * cout, -1), u.transpose(1, 2)).view(n, k, cout, -1)
             g1 = gw[:n1].reshape(n1 * k, -1)
@@ -400,9 +363,7 @@ def _ntk_structured(
 
 
 # ------------------------------------------------------------------------------------- entry point
-def _prepare(
-    model: nn.Module, x1: Tensor, x2: Tensor | None
-) -> tuple[Tensor, int, bool]:
+def _prepare(x1: Tensor, x2: Tensor | None) -> tuple[Tensor, int, bool]:
     check(isinstance(x1, Tensor) and x1.dim() >= 1 and x1.shape[0] >= 1, "x1", getattr(x1, "shape", x1),
           "a tensor [N1 >= 1, ...]")
     if x2 is None:
@@ -468,8 +429,8 @@ def _empirical_ntk(
         raise ConfigError(
             f"implementation={implementation!r}: expected one of {[e.value for e in NTKImplementation]}"
         ) from None
-    _check_independent(model)
-    x, n1, same = _prepare(model, x1, x2)
+    check_independent(model, "empirical_ntk")
+    x, n1, same = _prepare(x1, x2)
     raw, ms = _effective_params(model, params, masks, create_graph)
     if impl in (NTKImplementation.AUTO, NTKImplementation.STRUCTURED):
         try:

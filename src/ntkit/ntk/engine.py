@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ntkit.errors import ConfigError, UnsupportedModelError, check
-from ntkit.models.layers import MultiHeadSelfAttention, SwitchFFN
+from ntkit.models.layers import SwitchFFN
 from ntkit.ntk._grams import (
     SliceSpec,
     accumulate_slice_grams,
@@ -72,7 +72,8 @@ from ntkit.ntk._grams import (
     contract_linear_grams,
     linear_costs,
 )
-from ntkit.partition import ParamSlice, Partition
+from ntkit.ntk._layers import check_independent, conv_output_hw, conv_padding_hw, unfold
+from ntkit.partition import ParamSlice, Partition, param_owners
 
 if TYPE_CHECKING:
     from ntkit.ntk.spectrum import Spectrum
@@ -80,7 +81,6 @@ if TYPE_CHECKING:
 __all__ = ["ModularNTK", "Strategy", "modular_ntk", "packed_rows_ambiguous"]
 
 _OUTPUTS = ("sum_logits", "logits")
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 # Elements of the largest temporary (per-sample gradient chunk, contraction intermediate).
 # Kept small: fresh multi-hundred-MB temporaries page-fault at a few GB/s on CPU (DESIGN.md §2).
 _BUDGET = 1 << 23
@@ -248,22 +248,6 @@ def _sample(args: tuple[Any, ...], kwargs: dict[str, Any], i: int) -> tuple[tupl
     return a, k
 
 
-def _check_independent(model: nn.Module) -> None:
-    """Refuse modules whose output for one sample depends on the other samples."""
-    for name, m in model.named_modules():
-        label = f"{name or '<root>'} ({type(m).__name__})"
-        if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None):
-            raise UnsupportedModelError(f"module {label}: BatchNorm using batch statistics couples samples; call model.eval()")
-        if isinstance(m, _DROPOUTS) and m.training and m.p > 0:
-            raise UnsupportedModelError(f"module {label}: active dropout p={m.p}; call model.eval()")
-        if isinstance(m, MultiHeadSelfAttention) and m.training and m.dropout > 0:
-            raise UnsupportedModelError(f"module {label}: attention dropout={m.dropout} in training; call model.eval()")
-        if isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0:
-            raise UnsupportedModelError(f"module {label}: attention dropout={m.dropout} in training; call model.eval()")
-        if isinstance(m, SwitchFFN) and m.training:
-            raise UnsupportedModelError(f"module {label}: expert capacity couples samples in training; call model.eval()")
-
-
 # --------------------------------------------------------------------------- layer support
 def _layer_kind(m: nn.Module, attr: str, in_mha: bool) -> tuple[str | None, str]:
     """(kind, reason): kind ∈ linear/conv2d/embedding/layernorm/batchnorm, or None + why not."""
@@ -299,20 +283,16 @@ class _Owner:
 
 
 def _owners(model: nn.Module) -> dict[int, list[_Owner]]:
-    """id(parameter) → every (module, attribute) that holds it (tied weights: several)."""
+    """id(parameter) → every (module, attribute) that holds it (tied weights: several), with the
+    hook rule of each."""
     in_mha: set[int] = set()
     for m in model.modules():
         if isinstance(m, nn.MultiheadAttention):
             in_mha.update(id(c) for c in m.modules())
-    out: dict[int, list[_Owner]] = defaultdict(list)
-    seen: set[tuple[int, str]] = set()
-    for mname, m in model.named_modules(remove_duplicate=False):
-        for attr, p in m._parameters.items():
-            if p is None or (id(m), attr) in seen:
-                continue
-            seen.add((id(m), attr))
-            kind, reason = _layer_kind(m, attr, id(m) in in_mha)
-            out[id(p)].append(_Owner(mname or "<root>", m, attr, kind, reason))
+    out: dict[int, list[_Owner]] = {}
+    for pid, owners in param_owners(model).items():
+        out[pid] = [_Owner(o.name or "<root>", o.module, o.attr, *_layer_kind(o.module, o.attr, id(o.module) in in_mha))
+                    for o in owners]
     return out
 
 
@@ -370,10 +350,7 @@ class _ConvForm(_LinearForm):
     @property
     def a(self) -> Tensor:
         if self._unfolded is None:
-            c = self.conv
-            pad = (0, 0) if isinstance(c.padding, str) else c.padding
-            u = _unfold(self.x, c.kernel_size, c.dilation, pad, c.stride)  # type: ignore[arg-type]
-            self._unfolded = u.transpose(1, 2)  # [N, L, Cin·kh·kw]
+            self._unfolded = unfold(self.x, self.conv).transpose(1, 2)  # [N, L, Cin·kh·kw]
         return self._unfolded
 
     def patch_gram_cost(self) -> tuple[int, bool]:
@@ -395,11 +372,10 @@ class _ConvForm(_LinearForm):
         n, c, h, w = self.x.shape
         conv = self.conv
         (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
-        ph, pw = (0, 0) if isinstance(conv.padding, str) else conv.padding
+        ph, pw = conv_padding_hw(conv)
         xf = self.x.permute(2, 3, 0, 1).reshape(h * w * n, c)
         r = (xf @ xf.T).view(h, w, n, h, w, n)
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = conv_output_hw(conv, h, w)
         k = r.new_zeros(ho, wo, n, ho, wo, n)
 
         def taps(k_: int, d: int, s: int, p: int, size: int, out: int) -> tuple[slice, slice] | None:
@@ -421,38 +397,21 @@ class _ConvForm(_LinearForm):
         return k.permute(2, 0, 1, 5, 3, 4).reshape(n * ho * wo, n * ho * wo)
 
     def rows(self, r0: int, r1: int) -> Tensor:
-        family = _conv_rows_family(self.length)
-        c, n, r = self.conv, self.n, r1 - r0
-        pad = (0, 0) if isinstance(c.padding, str) else c.padding
-        cin = self.x.shape[1]
-        if family != "grouped":
+        if _conv_rows_family(self.length) != "grouped":
             return super().rows(r0, r1)
+        c, n, r = self.conv, self.n, r1 - r0
+        cin = self.x.shape[1]
         go = self.d4[:, r0:r1].reshape(1, n * r, *self.d4.shape[2:])
         g = torch.nn.grad.conv2d_weight(
             self.x.reshape(1, n * cin, *self.x.shape[2:]),
             (n * r, cin, *c.kernel_size),
             go,
             stride=c.stride,
-            padding=pad,
+            padding=conv_padding_hw(c),
             dilation=c.dilation,
             groups=n,
         )
         return g.view(n, r, *self.shape[1:])
-
-
-def _unfold(
-    x: Tensor, k: tuple[int, int], dil: tuple[int, int], pad: tuple[int, int], stride: tuple[int, int]
-) -> Tensor:
-    """``F.unfold`` [N, C·kh·kw, L] as one strided copy of the padded input (CPU im2col is
-    3–20× slower at these shapes)."""
-    n, c = x.shape[:2]
-    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = k, dil, pad, stride
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    sn, sc, sy, sx = xp.stride()
-    v = xp.as_strided((n, c, kh, kw, ho, wo), (sn, sc, sy * dh, sx * dw, sy * sh, sx * sw))
-    return v.reshape(n, c * kh * kw, ho * wo)
 
 
 class _EmbeddingForm(_Use):
@@ -940,7 +899,7 @@ def modular_ntk(
     except ValueError:
         raise ConfigError(f"strategy={strategy!r}: expected one of {', '.join(s.value for s in Strategy)}") from None
     check(isinstance(partition, Partition) and len(partition) > 0, "partition", type(partition).__name__, "a non-empty Partition")
-    _check_independent(model)
+    check_independent(model, "modular_ntk")
     part = Partition(list(partition.groups)).bind(model)
     args, kwargs, s = _split_inputs(inputs)
     if output_mask is not None:

@@ -73,24 +73,6 @@ def _rademacher(shape: torch.Size, like: Tensor, generator: torch.Generator | No
 _ZERO = torch.zeros(1, dtype=torch.long)
 
 
-def _segments(
-    partition: Partition, params: dict[str, Tensor]
-) -> list[tuple[str, int | None, Tensor | None]]:
-    """Per covered parameter: ``(name, dim, group_of_position)`` where ``group_of_position`` is a
-    LongTensor [size along dim] holding the group index of each position (M for positions that no
-    group owns — a dump bin dropped at the end)."""
-    m = len(partition)
-    out = []
-    for pname, items in partition.param_slices().items():
-        p = params[pname]
-        dim = items[0][1].dim
-        seg = torch.full((p.shape[dim],), m, dtype=torch.long, device=p.device)
-        for gi, s in items:
-            seg[s.start : s.stop] = gi
-        out.append((pname, dim, seg))
-    return out
-
-
 def _hvp(
     grads: Sequence[Tensor | None], ps: Sequence[Tensor], used: list[int], vs: list[Tensor], create_graph: bool
 ) -> list[Tensor | None]:
@@ -162,7 +144,12 @@ def hessian_trace_estimate(
         partition.validate(model)
         names = partition.covered_params()
         group_names = tuple(partition.names)
-        segs = _segments(partition, named)
+        # per covered parameter: (name, dim, group of each position along dim; M = no group, a
+        # dump bin dropped at the end)
+        segs: list[tuple[str, int | None, Tensor | None]] = [
+            (pname, dim, torch.where(owner < 0, len(partition), owner).to(named[pname].device))
+            for pname, (dim, owner) in partition.group_index(model).items()
+        ]
     else:
         names = [n for n, p in named.items() if p.requires_grad] if params is None else list(params)
         for n in names:

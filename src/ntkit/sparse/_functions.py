@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ntkit.ntk._layers import conv_output_hw, conv_padding_hw
+
 __all__ = ["SLICEABLE", "Idx", "LayerPlan", "sliced_class"]
 
 
@@ -271,20 +273,6 @@ class _LinearFn(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------- Conv2d
-def _conv_out_hw(m: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, _padding(m), m.dilation
-    return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
-
-def _padding(m: nn.Conv2d) -> tuple[int, int]:
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            return (0, 0)
-        # "same" (stride 1; odd kernels are checked at attach time)
-        return tuple(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size))  # type: ignore[return-value]
-    return m.padding  # type: ignore[return-value]
-
-
 def _conv_memory_format(x: Tensor, weight: Tensor) -> torch.memory_format:
     """The layout of a convolution's output (and of the gradients its backward works on): channels-last
     when the input or the weight is, as PyTorch's own convolution decides (an NHWC model fed NCHW
@@ -297,7 +285,7 @@ class _Conv2dFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: LayerPlan, mod: nn.Conv2d) -> Tensor:  # type: ignore[override]
-        pad = _padding(mod)
+        pad = conv_padding_hw(mod)  # symmetric: 'same' needs odd kernels (checked at attach)
         keep, has_bias = plan.w_keep, bias is not None
         if keep is None and plan.b_keep is None:  # bias fused into the convolution
             y = F.conv2d(x, weight, bias, mod.stride, pad, mod.dilation)
@@ -305,7 +293,7 @@ class _Conv2dFn(torch.autograd.Function):
         elif keep is None:
             y = F.conv2d(x, weight, None, mod.stride, pad, mod.dilation)
         else:
-            ho, wo = _conv_out_hw(mod, x.shape[-2], x.shape[-1])
+            ho, wo = conv_output_hw(mod, x.shape[-2], x.shape[-1])
             y = torch.empty((x.shape[0], weight.shape[0], ho, wo), dtype=x.dtype, device=x.device,
                             memory_format=_conv_memory_format(x, weight)).zero_()
             if len(keep):

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkit.errors import ConfigError, UnsupportedModelError
-from ntkit.partition import Partition
+from ntkit.partition import Partition, param_owners
 from ntkit.sparse._functions import SLICEABLE, Idx, LayerPlan, sliced_class
 
 __all__ = ["ParamSlicing", "SparseController", "attach"]
@@ -97,21 +97,13 @@ class SparseController:
         params = dict(model.named_parameters())
         self.slicings: dict[str, ParamSlicing] = {}
         kinds: dict[str, str | None] = {}  # module name -> sliceable kind (None = opaque)
-        owners: dict[int, int] = {}  # id(param) -> number of modules registering it (> 1: tied)
-        for mod in model.modules():
-            for q in mod._parameters.values():
-                if q is not None:
-                    owners[id(q)] = owners.get(id(q), 0) + 1
-        for pname, items in partition.param_slices().items():
+        owners = param_owners(model)  # several modules registering one parameter: tied
+        for pname, (dim, group_of) in partition.group_index(model).items():
             mod_name, _, attr = pname.rpartition(".")
             module = model.get_submodule(mod_name)
             p = params[pname]
             if getattr(module, attr, None) is not p:
                 raise UnsupportedModelError(f"partition param={pname!r}: not a direct parameter of {mod_name!r}")
-            dim = items[0][1].dim
-            group_of = torch.full((p.shape[dim],), -1, dtype=torch.long)
-            for gi, s in items:
-                group_of[s.start : s.stop] = gi
             kind, dims = self._kind(module)
             whole = bool((group_of == group_of[0]).all()) and int(group_of[0]) >= 0
             if kind is not None and attr in dims and dim not in dims[attr] and whole:
@@ -125,7 +117,7 @@ class SparseController:
                         f"BatchNorm affine); cover it whole or not at all"
                     )
                 kind = None
-            if kind is not None and not whole and owners[id(p)] > 1:
+            if kind is not None and not whole and len(owners[id(p)]) > 1:
                 raise UnsupportedModelError(
                     f"partition param={pname!r}: tied to another module; its other uses would not be "
                     f"sliced — cover it whole or not at all"
