@@ -18,6 +18,7 @@ def test_single_process_is_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not nd.init_from_env()
     obj = {"active": [True, False]}
     assert nd.broadcast_object(obj) is obj
+    assert nd.broadcast_tensor(t0 := torch.tensor([2.0])) is t0
     t = torch.tensor([1.0, 3.0])
     assert torch.equal(nd.all_reduce_mean_(t), torch.tensor([1.0, 3.0]))
     with nd.main_process_first():
@@ -28,9 +29,12 @@ def _worker(r: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=r, world_size=2)
     try:
         decision = nd.broadcast_object({"mask": [r, 7]} if r == 0 else None)
+        # rank 0's values, on each rank's own (non-contiguous) tensor's device
+        scores = nd.broadcast_tensor(torch.tensor([[float(r), 1.0], [2.0, 3.0 + r]], dtype=torch.float64).T)
         mean = nd.all_reduce_mean_(torch.tensor([float(r), 10.0 * r]))
         torch.save(
-            {"decision": decision, "mean": mean, "rank": nd.rank(), "ws": nd.world_size()}, f"{out}.{r}"
+            {"decision": decision, "scores": scores, "mean": mean, "rank": nd.rank(), "ws": nd.world_size()},
+            f"{out}.{r}",
         )
     finally:
         dist.destroy_process_group()
@@ -44,3 +48,4 @@ def test_two_gloo_ranks_agree(tmp_path: Path) -> None:
         res = torch.load(f"{out}.{r}", weights_only=False)
         assert res["decision"] == {"mask": [0, 7]} and res["rank"] == r and res["ws"] == 2
         assert torch.equal(res["mean"], torch.tensor([0.5, 5.0]))
+        assert torch.equal(res["scores"], torch.tensor([[0.0, 2.0], [1.0, 3.0]], dtype=torch.float64))

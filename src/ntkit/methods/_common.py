@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ntkit.errors import check
 from ntkit.partition import Partition
+from ntkit.train.dist import broadcast_tensor as broadcast_from_rank0  # rank 0's scores on every rank
 
 __all__ = [
     "apply_active",
@@ -99,24 +100,3 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (else ``model``)."""
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
     return model.module if isinstance(model, wrappers) else model
-
-
-def broadcast_from_rank0(t: Tensor) -> Tensor:
-    """Rank 0's copy of ``t`` (a CPU tensor) on every rank when ``torch.distributed`` is initialised.
-
-    Decisions (active sets, masks) must be identical on all ranks (DESIGN.md §7); measurements
-    can differ in the last bits between ranks (different data shards or kernels), so the scores
-    that decisions are taken from are broadcast from rank 0. NCCL needs a CUDA buffer.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    dev = (
-        torch.device("cuda", torch.cuda.current_device())
-        if dist.get_backend() == "nccl"
-        else torch.device("cpu")
-    )
-    buf = t.detach().to(dev).contiguous()
-    dist.broadcast(buf, src=0)
-    return buf.to(t.device)

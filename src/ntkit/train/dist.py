@@ -2,8 +2,8 @@
 
 Every helper is the identity / a no-op when no process group is initialised, so a loop written
 with them runs unchanged in a single process. Decisions that must be identical on all ranks
-(MAT's active set, a pruning mask) are made on rank 0 and sent with :func:`broadcast_object`, or
-computed from all-reduced statistics (:func:`all_reduce_mean_`).
+(MAT's active set, a pruning mask) are made on rank 0 and sent with :func:`broadcast_object` /
+:func:`broadcast_tensor`, or computed from all-reduced statistics (:func:`all_reduce_mean_`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "all_reduce_mean_",
     "barrier",
     "broadcast_object",
+    "broadcast_tensor",
     "init_from_env",
     "is_distributed",
     "is_main",
@@ -80,6 +81,23 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj if rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]  # type: ignore[return-value]
+
+
+def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``src``'s copy of ``t`` on every rank, on ``t``'s device (``t`` itself when not distributed
+    or with one process). Shape and dtype must agree on all ranks.
+
+    Measurements can differ in the last bits between ranks (different data shards or kernels), so
+    the scores a decision is taken from (λmax for MAT's active set, saliencies for a mask) are
+    broadcast before deciding. NCCL needs a CUDA buffer: the tensor travels through the current
+    CUDA device there, through the CPU otherwise.
+    """
+    if not is_distributed() or world_size() == 1:
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    buf = t.detach().to(dev).contiguous()
+    dist.broadcast(buf, src=src)
+    return buf.to(t.device)
 
 
 def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
