@@ -24,6 +24,8 @@ Measured:
   max|g_s − g_ref| / max(1, max|g_ref|) must be ≤ 1e-8 (else the exit code is 1);
 * NTT phase per epoch — EXTRAPOLATED, not run: median step time × ⌈54 000 / B⌉ steps (844 at
   B = 64: an epoch of MNIST's 54k training samples after the 10% validation hold-out);
+* allocator — ``ntkit.train.tune_cpu_allocator()`` first, as the ``ntkit`` commands do
+  (``NTKIT_MALLOC=system`` opts out);
 * peak memory — each kernel's step runs once more in a fresh subprocess; the figure is the rise of
   the process's peak resident set (Linux VmHWM, reset through ``/proc/self/clear_refs``) over its
   resident set just before the step (``ru_maxrss`` where VmHWM cannot be reset). ``tracemalloc``
@@ -60,6 +62,7 @@ from torch import Tensor
 from ntkit.methods.masks import magnitude_mask, maskable_weights
 from ntkit.methods.ntt import glorot_truncated_init_, ntt_loss, ntt_targets
 from ntkit.models import build_model
+from ntkit.train.allocator import tune_cpu_allocator
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ntt_step.json"
 MODELS = ("lenet300_100", "lenet5_caffe")
@@ -193,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help=f"JSON result (default {DEFAULT_OUT}; quick: none)")
     ap.add_argument("--_mem", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    malloc = "glibc, freed memory kept for reuse" if tune_cpu_allocator() else "system default"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._mem:
@@ -223,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(_table(rows))
     payload = {
         "config": {"quick": args.quick, "batch": batch, "repeats": repeats, "density": DENSITY, "gamma2": GAMMA2,
-                   "kernel": "effective", "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "kernel": "effective", "threads": torch.get_num_threads(), "malloc": malloc, "torch": torch.__version__,
                    "platform": platform.platform(), "cpus": os.cpu_count(), "steps_per_epoch": steps_per_epoch,
                    "loadavg_start": load_start, "loadavg_end": _loadavg(),
                    "argv": list(argv) if argv is not None else sys.argv[1:]},
