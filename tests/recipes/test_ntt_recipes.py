@@ -116,6 +116,9 @@ def test_ntt_mnist_ci_with_the_toy_figure(tmp_path):
     res = _run("ntt-mnist", tmp_path, ["methods=ntt,dense", "toy_figure=true", "toy_images=12",
                                        "toy_ntt_steps=2", "toy_sgd_steps=3"])
     assert (tmp_path / "toy_output_evolution.png").stat().st_size > 5000
+    traj = json.loads((tmp_path / "toy_output_evolution.json").read_text())
+    assert res["toy"]["trajectories"] == "toy_output_evolution.json" and "outputs" not in res["toy"]
+    assert len(traj["outputs"]["NTT student"]) == len(traj["steps"]) == 4  # GD steps 0..3
     assert res["plots"] == ["accuracy_vs_density.png", "toy_output_evolution.png"]
     rows = res["tables"]["Toy: output evolution vs the dense teacher (seed 003 §4.1)"]
     assert [r["network"] for r in rows] == ["NTT student", "random-mask student"]

@@ -31,6 +31,7 @@ seed std (:func:`winners`). With ``toy_figure`` (MNIST, on from the quick tier u
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -61,7 +62,7 @@ from ntkit.recipes.report import fmt_mean_std, line_plot, mean_std
 
 __all__ = [
     "PAPER_ANCHORS", "TIERS_CIFAR", "TIERS_FASHION", "TIERS_MNIST", "NTTRecipeConfig", "plot_output_toy",
-    "run_ntt_sweep", "run_output_toy", "winners",
+    "run_ntt_sweep", "run_output_toy", "save_toy_trajectories", "winners",
 ]
 
 #: Every method the sweep knows.
@@ -353,7 +354,7 @@ def run_output_toy(cfg: NTTRecipeConfig, data: ImageData, seed: int, device: tor
     nets: dict[str, tuple[nn.Module, dict[str, Tensor] | None]] = {
         _TOY_NETS[0]: (teacher, None), _TOY_NETS[1]: (student, ntt.masks), _TOY_NETS[2]: (rand, rmask)}
     probe = torch.cat([torch.arange(5), len(x) // 2 + torch.arange(5)])
-    every = max(1, cfg.toy_sgd_steps // 100)
+    every = max(1, cfg.toy_sgd_steps // 50)
     steps = [s for s in range(cfg.toy_sgd_steps + 1) if s % every == 0 or s == cfg.toy_sgd_steps]
     outputs: dict[str, list] = {}
     losses: dict[str, list] = {}
@@ -385,6 +386,16 @@ def run_output_toy(cfg: NTTRecipeConfig, data: ImageData, seed: int, device: tor
             "probe_digits": [0] * 5 + [1] * 5, "rel_dist_to_teacher": dist,
             "ntt": {"start": rec["start"], "end": rec["end"], "steps": rec["steps"]},
             "density": cfg.toy_density, "images": len(x)}
+
+
+def save_toy_trajectories(toy: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Write the toy's trajectories (``steps``, ``outputs`` rounded to 5 decimals, ``loss``,
+    ``probe_digits``) as compact JSON to ``path``; return the rest of ``toy`` (for results.json)
+    with ``"trajectories": path.name``."""
+    traj = {k: toy[k] for k in ("steps", "outputs", "loss", "probe_digits")}
+    traj["outputs"] = {n: torch.tensor(o).round(decimals=5).tolist() for n, o in traj["outputs"].items()}
+    path.write_text(json.dumps(traj, separators=(",", ":")) + "\n")
+    return {**{k: v for k, v in toy.items() if k not in traj}, "trajectories": path.name}
 
 
 def plot_output_toy(toy: dict[str, Any], path: Path, title: str = "") -> Path:
@@ -581,7 +592,7 @@ def run_ntt_sweep(cfg: NTTRecipeConfig, out_dir: Path, data_dir: Path | None) ->
                 f"{cfg.toy_sgd_steps} gradient-descent steps (lr {cfg.toy_sgd_lr:g}); relative distance = RMS of "
                 f"(f_student − f_teacher) over steps, 10 probe images and both outputs, over the RMS of the "
                 f"teacher's own displacement ({time.perf_counter() - t:.0f} s).")
-            doc["toy"] = toy
+            doc["toy"] = save_toy_trajectories(toy, out_dir / "toy_output_evolution.json")
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     return {"summary": summary, **doc}
 
