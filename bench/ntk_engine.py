@@ -51,9 +51,12 @@ filters cover every conv parameter (P = 14.7 M, 2·S²·P = 120 GFLOP if materia
 which the contraction cuts at the 4×4 and 2×2 layers. Targets: BERT-mini ≤ 1.3× fwd+bwd,
 VGG-16 ≤ 2×, and ≥ 1.25× faster than the loop and functorch.
 
-    python bench/ntk_engine.py --quick                # smoke test (small S / T, 1 repeat)
+    python bench/ntk_engine.py --quick                # smoke test (small S / T / width, 1 repeat)
     python bench/ntk_engine.py                        # full; writes bench/results/ntk_engine.json
     ntkit bench ntk --repeats 5 --out my.json
+
+``--quick`` writes a JSON file only when ``--out`` is given (the committed results stay the full
+run's). :func:`main` returns the exit code (0); :func:`run` returns the summary.
 
 The last stdout line is JSON: ``{model: {"engine_over_fwdbwd", "speedup_vs_loop",
 "speedup_vs_loop_frozen", "speedup_vs_functorch", "speedup_vs_functorch_same_inputs",
@@ -84,7 +87,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ntkit.train.allocator import tune_cpu_allocator
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ntk_engine.json"
 METHODS = ("fwd+bwd", "engine", "engine-full-logits", "loop", "loop-frozen", "functorch", "nngeometry", "neural-tangents")
@@ -442,23 +445,30 @@ def bench_case(
 
 
 def _table(results: dict[str, Any]) -> str:
-    lines = [f"{'model':<10} {'method':<16} {'time s':>9} {'× f+b':>7} {'GFLOP':>9} {'peak MiB':>9} {'rel err':>9}"]
+    lines = [f"{'model':<10} {'method':<18} {'time s':>9} {'× f+b':>7} {'GFLOP':>9} {'peak MiB':>9} {'rel err':>9}"]
     for name, res in results.items():
         for m, row in res["methods"].items():
             if "skipped" in row:
-                lines.append(f"{name:<10} {m:<16} skipped: {row['skipped']}")
+                lines.append(f"{name:<10} {m:<18} skipped: {row['skipped']}")
                 continue
             mem = "-" if row["peak_mem_mib"] is None else f"{row['peak_mem_mib']:.0f}"
             fl = "-" if row["flops"] is None else f"{row['flops'] / 1e9:.2f}"
             err = "-" if row["max_rel_err_vs_loop"] is None else f"{row['max_rel_err_vs_loop']:.1e}"
             lines.append(
-                f"{name:<10} {m:<16} {row['time_s']:9.3f} {row['over_fwdbwd']:7.2f} {fl:>9} {mem:>9} {err:>9}"
+                f"{name:<10} {m:<18} {row['time_s']:9.3f} {row['over_fwdbwd']:7.2f} {fl:>9} {mem:>9} {err:>9}"
             )
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; prints a table and, last, a one-line JSON summary. Returns the summary."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """``ntkit bench ntk`` / ``python bench/ntk_engine.py``: :func:`run`; returns exit code 0."""
+    run(argv)
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; prints a table and, last, a one-line JSON summary. Returns the summary
+    (``{}`` in a ``--_child`` process)."""
     ap = argparse.ArgumentParser(prog="ntkit bench ntk", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small S / T / width, 1 repeat (smoke test)")
     ap.add_argument("--models", nargs="+", default=["bert_mini", "vgg16"], choices=["bert_mini", "vgg16"])
@@ -470,7 +480,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--interleaved", action="store_true",
                     help="all methods interleaved in one process, no peak memory (default with --quick); "
                          "otherwise each method runs in its own process")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"JSON output path (default {DEFAULT_OUT.relative_to(DEFAULT_OUT.parents[2])}; "
+                         "with --quick, none unless given)")
     ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -508,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ),
             "max_rel_err": eng.get("max_rel_err_vs_loop"),
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out if args.out is not None or args.quick else DEFAULT_OUT
     payload = {
         "config": {
             "quick": args.quick,
@@ -522,10 +534,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "results": results,
         "summary": summary,
     }
-    args.out.write_text(json.dumps(payload, indent=2))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2))
     print(json.dumps(summary))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

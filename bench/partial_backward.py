@@ -44,6 +44,9 @@ timings and a cost per byte allocated that is not compute.
     python bench/partial_backward.py                   # full sizes; writes bench/results/partial_backward.json
     ntkit bench backward --repeats 9 --out my.json
 
+``--quick`` writes a JSON file only when ``--out`` is given (the committed results stay the full
+run's). :func:`main` returns the exit code (0).
+
 The last stdout line is JSON: ``{name: {"flops_ratio_50": …, "time_ratio_50": …}}``.
 """
 
@@ -311,7 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"subset of cases to run: {', '.join(names)}")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall time (default) or process CPU time (steadier on a busy machine)")
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"JSON output path (default {DEFAULT_OUT.relative_to(DEFAULT_OUT.parents[2])}; "
+                         "with --quick, none unless given)")
     args = ap.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         ap.error(f"--repeats={args.repeats}: expected an integer >= 1")
@@ -352,9 +357,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": results,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {args.out}")
+    out = args.out if args.out is not None or args.quick else DEFAULT_OUT
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {out}")
     print(json.dumps(summary))
     return 0
 

@@ -284,7 +284,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         with_path = str(script.parent)
         if with_path in sys.path:
             sys.path.remove(with_path)
-    return int(rc or 0)
+    return _exit_code(rc)
+
+
+def _exit_code(rc: object) -> int:
+    """A benchmark ``main``'s return value as an exit code: an int as is; ``None`` or anything
+    else (e.g. a summary it also printed) means it finished: 0."""
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
