@@ -186,3 +186,23 @@ def test_surgery_through_the_harness_gives_a_smaller_model_that_trains_on() -> N
     tracks = [h for h in rec["method_history"] if h["event"] == "pl_track" and h.get("phase") != "before"]
     assert [h["epoch"] for h in tracks] == [0, 1, 2] and all(h["num_structures"] == 2 for h in tracks)
     assert all(h["trace_mean"] is not None and math.isfinite(h["trace_mean"]) for h in tracks)
+
+
+@pytest.mark.slow
+def test_pruned_step_bench_quick_smoke(tmp_path) -> None:
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "pruned_step.py"
+    spec = importlib.util.spec_from_file_location("_bench_pruned_step", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "ps.json"
+    assert mod.main(["--quick", "--reps", "1", "--out", str(out)]) == 0
+    res = {r["case"]: r for r in json.loads(out.read_text())["results"]}
+    bert, vgg = res["bert_small_heads_75"], res["vgg16_filters_50"]
+    assert bert["params"]["pruned"] < bert["params"]["dense"] and 0.5 < bert["flop_ratio"] < 1.0
+    # half the filters of every conv: conv FLOPs scale with in × out channels (≈ 1/4), the classifier less
+    assert 0.2 < vgg["flop_ratio"] < 0.35, vgg["flop_ratio"]
