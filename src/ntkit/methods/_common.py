@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ntkit.errors import check
 from ntkit.partition import Partition
+from ntkit.pruning.pruner import controller_pruned
 from ntkit.train.dist import broadcast_tensor as broadcast_from_rank0  # rank 0's scores on every rank
 
 __all__ = [
@@ -46,14 +47,6 @@ def check_per_kind(value: object, field: str, lo: float, hi: float | None) -> No
     for v in vals:
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
         check(ok, field, value, expected)
-
-
-def controller_pruned(controller: Any, m: int) -> Tensor:
-    """The controller's pruned set as bool [M] on CPU (all False if it does not track pruning)."""
-    pruned = getattr(controller, "pruned", None)
-    if pruned is None:
-        return torch.zeros(m, dtype=torch.bool)
-    return torch.as_tensor(pruned, dtype=torch.bool).detach().cpu().clone()
 
 
 def apply_active(controller: Any, active: Tensor) -> None:

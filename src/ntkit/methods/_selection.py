@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from ntkit.errors import check
@@ -31,6 +30,6 @@ def check_kinds(kinds: object, field: str) -> None:
 
 def governed_mask(partition: Partition, kinds: Sequence[str] | None, field: str) -> Tensor:
     """bool [M]: modules of the selected kinds (all when ``kinds`` is None); at least one."""
-    sel = torch.tensor([kinds is None or g.kind in kinds for g in partition], dtype=torch.bool)
+    sel = partition.kind_mask(kinds)
     check(bool(sel.any()), field, kinds, f"kinds present in the partition {sorted(set(partition.kinds))}")
     return sel

@@ -302,9 +302,8 @@ class MAT(TrainingMethod):
         kept = governed & ~pruned & ~measured
         active = (~pruned & ~governed) | (kept & self.active)
         thresholds: dict[str, float] = {}
-        kinds = self.partition.kinds
         for kind, alpha in self._alpha.items():
-            sel = torch.tensor([k == kind for k in kinds], dtype=torch.bool) & measured
+            sel = self.partition.kind_mask(kind) & measured
             if not bool(sel.any()):
                 continue
             act, thresholds[kind] = modular_policy(lmax[sel], alpha)

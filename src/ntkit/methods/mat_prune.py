@@ -96,7 +96,7 @@ class MATPrune(MAT):
 
     def _prune_kind_mask(self) -> Tensor:
         assert self.partition is not None, "bind() first"
-        mask = torch.tensor([g.kind == self.config.prune_kind for g in self.partition], dtype=torch.bool)
+        mask = self.partition.kind_mask(self.config.prune_kind)
         check(
             bool(mask.any()),
             "prune_kind",

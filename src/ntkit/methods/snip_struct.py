@@ -98,7 +98,7 @@ class SnipStruct(TrainingMethod):
 
     def _kind_mask(self) -> Tensor:
         assert self.partition is not None, "bind() first"
-        mask = torch.tensor([g.kind == self.config.kind for g in self.partition], dtype=torch.bool)
+        mask = self.partition.kind_mask(self.config.kind)
         check(
             bool(mask.any()),
             "kind",

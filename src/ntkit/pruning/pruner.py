@@ -51,7 +51,8 @@ class PruneResult:
     refused: list[str]
 
 
-def _previous(controller: Any, m: int) -> Tensor:
+def controller_pruned(controller: Any, m: int) -> Tensor:
+    """The controller's pruned set as bool [M] on CPU (all False if it does not track pruning)."""
     pruned = getattr(controller, "pruned", None)
     if pruned is None:
         return torch.zeros(m, dtype=torch.bool)
@@ -101,7 +102,7 @@ class Pruner:
 
     def eligible(self, partition: Partition, pruned: Tensor) -> Tensor:
         """bool [M]: groups of ``kind`` not in ``pruned``."""
-        kind = torch.tensor([self.kind is None or g.kind == self.kind for g in partition], dtype=torch.bool)
+        kind = partition.kind_mask(self.kind)
         check(bool(kind.any()), "kind", self.kind, f"a kind present in the partition {sorted(set(partition.kinds))}")
         return kind & ~pruned
 
@@ -170,7 +171,7 @@ class Pruner:
         controller's ``pruned``, or none)."""
         m = len(partition)
         scores = torch.as_tensor(scores).detach().to(device="cpu", dtype=torch.float64)
-        old = _previous(controller, m) if pruned is None else pruned.bool().cpu().clone()
+        old = controller_pruned(controller, m) if pruned is None else pruned.bool().cpu().clone()
         elig = self.eligible(partition, old)
         names = partition.names
         bad = [names[i] for i in (elig & ~torch.isfinite(scores)).nonzero(as_tuple=True)[0].tolist()]
