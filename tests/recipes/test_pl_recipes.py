@@ -1,0 +1,80 @@
+"""The pl-* recipes (seed 002) at ci tier: every method trains, the pruned model is really smaller,
+the report states the winner per ratio, and the overrides methods= / seeds= / ratio work."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from ntkit.errors import ConfigError
+from ntkit.recipes import resolve_config, run_recipe
+
+DATA = Path(os.environ.get("NTKIT_DATA_DIR", "/work/shared/data"))
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="offline datasets not available")
+
+
+def _run(name: str, out: Path, overrides=()) -> dict:
+    run_recipe(name, "ci", out, DATA, overrides=overrides)
+    doc = json.loads((out / "results.json").read_text())
+    assert (out / "report.md").is_file()
+    return doc["results"]
+
+
+def _check(res: dict, pruned_labels: list[str], fractions: dict[str, float]) -> None:
+    recs = {r["method"]: r for r in res["records"]}
+    dense = recs["vanilla"]
+    assert dense["structure_changes"] == [] and dense["final_num_params"] == dense["num_params"]
+    for lab in pruned_labels:
+        r = recs[lab]
+        assert r["num_params"] < dense["num_params"] and r["final_num_params"] == r["num_params"]
+        assert r["final_forward_flops"] < dense["final_forward_flops"]
+        removed = sum(len(s) for s in r["structure_changes"])
+        assert removed == round(fractions[lab] * len(dense["module_names"])) or removed > 0
+    assert "won on" in res["summary"]["verdict"]
+    table = next(iter(res["tables"].values()))
+    assert [row["method"] for row in table] == list(recs)
+    assert any(p.startswith("condition_number_") for p in res["plots"])
+
+
+@needs_data
+def test_pl_bert_ci_prunes_heads_and_reports_the_winner(tmp_path: Path) -> None:
+    res = _run("pl-bert", tmp_path)
+    _check(res, ["plreg"], {"plreg": 0.5})  # tiny BERT: 4 heads in 2 layers, protection keeps 2
+    assert "train PPL @ep2" in next(iter(res["tables"].values()))[0]
+
+
+@needs_data
+def test_pl_switch_ci_prunes_experts_and_heads_and_draws_the_expert_heatmap(tmp_path: Path) -> None:
+    res = _run("pl-switch", tmp_path, ["methods=vanilla,plreg,plreg_head_expert"])
+    recs = {r["method"]: r for r in res["records"]}
+    assert all(n.split(".")[-1].startswith("expert") for s in recs["plreg"]["structure_changes"] for n in s)
+    kinds = {n.rsplit(".", 1)[-1][:4] for s in recs["plreg_head_expert"]["structure_changes"] for n in s}
+    assert kinds == {"head", "expe"}
+    assert "expert_condition_heatmap.png" in res["plots"]
+
+
+@needs_data
+def test_pl_vgg_ci_reports_both_ratios(tmp_path: Path) -> None:
+    res = _run("pl-vgg", tmp_path, ["methods=vanilla,plreg_50,plreg_90", "seeds=[0]"])
+    recs = {r["method"]: r for r in res["records"]}
+    assert recs["plreg_90"]["num_params"] < recs["plreg_50"]["num_params"] < recs["vanilla"]["num_params"]
+    assert "At 50% pruned" in res["summary"]["verdict"] and "At 90% pruned" in res["summary"]["verdict"]
+
+
+@pytest.mark.slow  # ResNet-56 ci: minutes on the shared 2-core machine
+@needs_data
+def test_pl_resnet_ci_with_a_ratio_override(tmp_path: Path) -> None:
+    res = _run("pl-resnet", tmp_path, ["methods=vanilla,plreg", "methods.plreg.ratio=0.5"])
+    recs = {r["method"]: r for r in res["records"]}
+    assert recs["plreg"]["method_config"]["ratio"] == 0.5
+    removed = [n for s in recs["plreg"]["structure_changes"] for n in s]
+    assert removed and all(".conv1." in n or n.split(".")[-2] == "conv1" for n in removed)
+    assert "At 50% pruned" in res["summary"]["verdict"]
+
+
+def test_bad_ratio_override_is_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"methods.plreg.ratio"):
+        resolve_config("pl-bert", "ci", ["methods.plreg.ratio=1.5"])
