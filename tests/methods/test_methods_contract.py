@@ -24,6 +24,8 @@ KW = {
     # masks only here (this plain loop has no change_structure); surgery: tests/methods/test_structured_prune.py
     "structured_prune": {"criterion": "att_score", "ratio": 0.5, "t": 0, "surgery": False},
     "lth": {"ratio": 0.5, "rounds": 2, "t0": 0, "rewind_frac": 0.2, "epochs": 3, "surgery": False},
+    "plreg": {"ratio": 0.5, "t": 1, "num_samples": 3, "gate_steps": 1, "gate_batch": 2, "surgery": False,
+              "track_every": 0},
     "ntt": {"steps": 1},  # acts only at_init (tests/methods/test_ntt.py); here: hooks are no-ops
 }
 

@@ -31,6 +31,7 @@ State: the saved point is part of :meth:`LTH.state_dict` (JSON-able: each tensor
 from __future__ import annotations
 
 import base64
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -97,9 +98,10 @@ class LTHConfig:
 
     def plan(self) -> Iterative | None:
         """The rounds as an :class:`~ntkit.pruning.Iterative` schedule (None when ``ratio == 0``)."""
-        if self.ratio == 0:
+        # -expm1(log1p(-r)/k): 1 − (1 − r)^(1/k) without cancelling to 0 for tiny r
+        p = -math.expm1(math.log1p(-float(self.ratio)) / self.rounds)
+        if p <= 0.0:  # ratio 0 (or below float resolution): nothing to prune
             return None
-        p = 1.0 - (1.0 - float(self.ratio)) ** (1.0 / self.rounds)
         return Iterative(p, self.rounds, self.every, t0=self.first)
 
     def rewind_step(self, steps_per_epoch: int) -> int:

@@ -380,7 +380,8 @@ class PLReg(TrainingMethod):
         return {
             "history": list(self.history),
             "pruned_names": list(self.pruned_names),
-            "gates": {k: v.detach().clone() for k, v in self.gates.state_dict().items()},
+            # JSON-able (the method contract): the gate's tensors as nested lists
+            "gates": {k: v.detach().cpu().tolist() for k, v in self.gates.state_dict().items()},
             "gen": generator_state(self.gen),
             "decision_s": self.decision_s,
             "track_s": self.track_s,
@@ -391,7 +392,9 @@ class PLReg(TrainingMethod):
         super().load_state_dict(state)
         self.pruned_names = list(state.get("pruned_names", []))
         if "gates" in state:
-            self.gates.load_state_dict(state["gates"])
+            ref = self.gates.state_dict()
+            self.gates.load_state_dict({k: torch.as_tensor(v, dtype=ref[k].dtype) if k in ref else torch.as_tensor(v)
+                                        for k, v in state["gates"].items()})
         if "gen" in state:
             set_generator_state(self.gen, state["gen"])
         self.decision_s = float(state.get("decision_s", 0.0))
@@ -401,7 +404,7 @@ class PLReg(TrainingMethod):
     # ---------------------------------------------------------------- helpers
     def _kind_mask(self, kind: str) -> Tensor:
         assert self.partition is not None
-        return torch.tensor([g.kind == kind for g in self.partition], dtype=torch.bool)
+        return self.partition.kind_mask(kind)
 
     def _pruned_now(self) -> Tensor:
         assert self.partition is not None
