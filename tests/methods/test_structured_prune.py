@@ -164,3 +164,15 @@ def test_lth_through_the_harness_with_surgery_resumes_exactly(tmp_path: Path):
     prunes = [h for h in rec["method_history"] if h["event"] == "prune"]
     assert [h["pruned_total"] for h in prunes] == [2, 4] and len(rec["structure_changes"]) == 2
     assert rec["method_history"][0] == {"event": "rewind_point", "step": 1}
+
+
+def test_lth_rewind_point_encoding_round_trips_every_tensor_kind() -> None:
+    """BatchNorm's 0-dim int64 ``num_batches_tracked`` crashed the encoding (pl-vgg ci)."""
+    import torch
+
+    from ntkit.methods.lth import decode_tensor, encode_tensor
+
+    for t in (torch.tensor(5), torch.tensor(2.5, dtype=torch.float64), torch.randn(3, 2), torch.zeros(0, 4),
+              torch.arange(6).reshape(2, 3).t()):
+        back = decode_tensor(encode_tensor(t))
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)

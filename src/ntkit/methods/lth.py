@@ -113,7 +113,7 @@ class LTHConfig:
 def encode_tensor(t: Tensor) -> dict:
     """A tensor as JSON-able ``{"dtype", "shape", "data": base64 of its C-order bytes}`` (exact)."""
     a = t.detach().cpu().contiguous()
-    raw = a.view(torch.uint8).numpy().tobytes() if a.numel() else b""
+    raw = a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b""  # 0-dim: 1 element
     return {"dtype": str(a.dtype).removeprefix("torch."), "shape": list(a.shape),
             "data": base64.b64encode(raw).decode("ascii")}
 
