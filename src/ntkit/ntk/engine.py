@@ -36,9 +36,14 @@ The S-pass loop costs S forward+backward passes of batch 1 (≈ the FLOPs of one
 batch-1 efficiency) plus S reads of the full gradients; ``vmap(grad)`` pays per-sample full
 gradients (S·P memory) before any Gram.
 
-Limitations: parameters used *functionally* (``F.linear(h, emb.weight)`` outside a module's
-forward) are invisible to hooks; tied weights must be used through modules (e.g. a decoder
-``nn.Linear`` whose ``weight`` *is* the embedding's). Layers the hooks do not support (any type
+Never silently wrong: the hook forward runs under :class:`~ntkit.ntk._checks.UseTracker`, which
+records every torch op consuming a covered parameter outside the forward of a module owning it
+(``F.linear(h, emb.weight)``, ``h @ emb.weight.t()``, ``x + fc.bias``): such a parameter goes to
+torch.func, reported as ``"tok.weight: used by torch.nn.functional.linear outside tok"`` (tied
+weights used through modules — a decoder ``nn.Linear`` whose ``weight`` *is* the embedding's —
+stay on hooks). Then a self-check (``self_check=True``) compares every group's hook Gram on two
+samples with autograd's gradient of their summed output and recomputes failing groups by
+torch.func. Layers the hooks do not support (any type
 other than Linear / Conv2d (groups=1, zero padding) / Embedding / LayerNorm / eval BatchNorm,
 subclasses that override ``forward``, the ``out_proj`` of ``nn.MultiheadAttention`` whose
 ``forward`` never runs, modules whose input batch dimension is not the sample dimension — e.g. a
@@ -65,6 +70,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ntkit.errors import ConfigError, UnsupportedModelError, check
 from ntkit.models.layers import SwitchFFN
+from ntkit.ntk._checks import UseTracker, check_tolerance, gram_self_check, subset_rows, watch_map
 from ntkit.ntk._grams import (
     SliceSpec,
     accumulate_slice_grams,
@@ -515,6 +521,7 @@ class _HookRun:
         self.expert_of: dict[int, tuple[SwitchFFN, int]] = {}
         self.router_of: dict[int, SwitchFFN] = {}
         self.ctx: dict[int, dict[str, Any]] = {}
+        self.active: dict[int, int] = defaultdict(int)  # id(module) → forwards running (UseTracker)
         self.input_ptrs: set[int] = set()  # storages of the user's input tensors
         self.packed: Tensor | None = None  # sample of each output_mask position (packed outputs)
         for m in model.modules():
@@ -528,6 +535,7 @@ class _HookRun:
     def register(self) -> list[Any]:
         handles = []
         for (m, kind, name) in self.modules.values():
+            handles.append(m.register_forward_pre_hook(self._enter))
             handles.append(m.register_forward_hook(self._forward_hook(kind, name)))
         needed = {id(ffn) for ffn, _ in self.expert_of.values()}
         for m in self.model.modules():
@@ -535,6 +543,9 @@ class _HookRun:
                 handles.append(m.register_forward_pre_hook(self._ffn_pre))
                 handles.append(m.register_forward_hook(self._ffn_post))
         return handles
+
+    def _enter(self, m: nn.Module, args: Any) -> None:
+        self.active[id(m)] += 1
 
     def _ffn_pre(self, m: nn.Module, args: Any) -> None:
         self.ctx[id(m)] = {}
@@ -546,6 +557,7 @@ class _HookRun:
 
     def _forward_hook(self, kind: str, name: str) -> Callable[..., Any]:
         def hook(m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+            self.active[id(m)] -= 1
             if not args or not isinstance(args[0], Tensor) or not isinstance(out, Tensor):
                 return self._refuse(m, f"{name}: non-tensor input/output")
             x = args[0]
@@ -850,6 +862,47 @@ def _brute_force(
     return torch.stack([torch.stack(r) @ torch.stack(r).T for r in rows])
 
 
+def _self_check(
+    model: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    s: int,
+    part: Partition,
+    output: str,
+    mask: Tensor | None,
+    grams: Tensor,
+    n_out: int,
+    checked: dict[str, nn.Parameter],
+    slices: dict[str, list[tuple[int, ParamSlice]]],
+) -> dict[int, float]:
+    """:func:`~ntkit.ntk._checks.gram_self_check` of the hook Grams on samples
+    :func:`~ntkit.ntk._checks.subset_rows`: one forward + backward of that subset with the
+    ``checked`` parameters trainable (the whole batch if the model refuses the subset)."""
+    rows = subset_rows(s)
+    idx = torch.tensor(rows)
+    params = dict(model.named_parameters())
+    saved = {n: p.requires_grad for n, p in params.items()}
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in checked)
+        with torch.enable_grad():
+            try:
+                a = tuple(x[idx.to(x.device)] if isinstance(x, Tensor) else x for x in args)
+                kw = {k: (x[idx.to(x.device)] if isinstance(x, Tensor) else x) for k, x in kwargs.items()}
+                y = _per_sample(model(*a, **kw), output, None if mask is None else mask[idx.to(mask.device)])
+            except (RuntimeError, ValueError, UnsupportedModelError, ConfigError):
+                rows = list(range(s))  # a model tied to its batch size: check the whole batch
+                y = _per_sample(model(*args, **kwargs), output, mask)
+            ps = list(checked.values())
+            gs = torch.autograd.grad(y.sum(), ps, allow_unused=True) if y.requires_grad else [None] * len(ps)
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(saved[n])
+    grads = {n: (None if g is None else g.detach()) for n, g in zip(checked, gs)}
+    rtol = check_tolerance(next(iter(checked.values())).dtype)
+    return gram_self_check(grams, n_out, rows, grads, {n: slices[n] for n in checked}, rtol)
+
+
 # --------------------------------------------------------------------------- entry point
 def modular_ntk(
     model: nn.Module,
@@ -861,6 +914,7 @@ def modular_ntk(
     output_mask: Tensor | None = None,
     dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
+    self_check: bool = True,
 ) -> ModularNTK:
     """Per-module NTK Grams of ``model`` on a batch of S samples.
 
@@ -884,6 +938,11 @@ def modular_ntk(
         dtype: accumulation / result dtype (default: the covered parameters' dtype). Pass
             ``torch.float64`` for ill-conditioned kernels.
         chunk_size: vmap chunk size of the functorch strategy (None = all samples at once).
+        self_check: after the hook strategy, one forward + backward of 2 samples with the
+            hooked parameters trainable checks every group: ``Σ_{i,j∈B} Θ_ij`` must equal
+            ``‖∂(Σ_{i∈B} y_i)/∂θ_group‖²`` from autograd (relative 1e-9 in float64, 1e-4
+            otherwise); a group that fails is recomputed by torch.func and named in
+            ``fallback_layers``. Costs ≈ 2/S of a forward+backward; ``False`` skips it.
 
     Returns:
         :class:`ModularNTK` with ``grams`` Tensor [M, N, N] of ``dtype``.
@@ -941,6 +1000,9 @@ def modular_ntk(
 
     grams: Tensor | None = None
     flops = 0
+    n_out = 1
+    redo: dict[str, list[tuple[int, ParamSlice]]] = {}  # slices of groups that failed the self-check
+    group_fallback: dict[int, str] = {}
     if hook_params:
         saved = {n: p.requires_grad for n, p in params.items()}
         run: _HookRun | None = None
@@ -948,7 +1010,6 @@ def modular_ntk(
         try:
             for p in params.values():
                 p.requires_grad_(False)
-            n_out = 1
             with torch.enable_grad():
                 # size N is only known after the forward for output="logits": allocate lazily
                 run = _HookRun(model, s, hook_params, slices, params, torch.empty(0, dtype=acc, device=device),
@@ -960,7 +1021,11 @@ def modular_ntk(
                 if output_mask is not None:
                     run.packed = _mask_samples(output_mask)
                 handles = run.register()
-                z = _logits_of(model(*args, **kwargs))
+                watch = watch_map(params, {p: [(o.module, o.name) for o in os_] for p, os_ in hook_params.items()})
+                with UseTracker(watch, run.active) as tracker:
+                    z = _logits_of(model(*args, **kwargs))
+                for pname, why in tracker.found.items():
+                    run.fallback.setdefault(pname, why)
                 _check_packed(run, z, output_mask)
                 y = _per_sample(z, output, output_mask)
                 n_out = 1 if y.dim() == 1 else y.shape[1]
@@ -990,25 +1055,40 @@ def modular_ntk(
             for n, p in params.items():
                 p.requires_grad_(saved[n])
             del run
-    if strat is Strategy.HOOKS and fallback:
-        first = next(iter(fallback.values()))
+        checked = [n for n in hook_params if n not in fallback]
+        if self_check and checked:
+            assert grams is not None
+            failed = _self_check(model, args, kwargs, s, part, output, output_mask, grams, n_out,
+                                 {n: params[n] for n in checked}, slices)
+            for gi, err in failed.items():
+                grams[gi].zero_()
+                reason = f"{part.names[gi]}: self-check failed (relative error {err:.2g} against autograd)"
+                for gj, sl in ((gj, sl) for n in checked for gj, sl in slices[n] if gj == gi):
+                    redo.setdefault(sl.param, []).append((gj, sl))
+                group_fallback[gi] = reason
+    if strat is Strategy.HOOKS and (fallback or group_fallback):
+        first = next(iter(fallback.values())) if fallback else next(iter(group_fallback.values()))
         raise UnsupportedModelError(f"strategy=hooks: layer {first}; use strategy='auto' to fall back to torch.func")
-    if fallback:
+    todo = {n: slices[n] for n in fallback}
+    for n, its in redo.items():
+        todo.setdefault(n, its)
+    if todo:
         with torch.no_grad():  # torch.func ignores the outer no_grad; this keeps the outer graph away
-            pg = _functorch_grads(model, args, kwargs, list(fallback), output, output_mask, chunk_size)
+            pg = _functorch_grads(model, args, kwargs, list(todo), output, output_mask, chunk_size)
         k = next(iter(pg.values())).shape[1] if output == "logits" else 1
         nn_ = s * k
         if grams is None:
             grams = torch.zeros(len(part), nn_, nn_, dtype=acc, device=device)
         for pname, g in pg.items():
             gg = g.reshape(nn_, *params[pname].shape).to(acc)
-            _chunked_grams(lambda r0, r1, gg=gg: gg[:, r0:r1], gg.shape[1:], nn_, slices[pname], grams, _BUDGET)
+            _chunked_grams(lambda r0, r1, gg=gg: gg[:, r0:r1], gg.shape[1:], nn_, todo[pname], grams, _BUDGET)
     assert grams is not None
     if strat is Strategy.FUNCTORCH:
         used = "functorch"
-    elif fallback:
+    elif todo:
         used = "hooks+functorch" if hook_params and len(fallback) < len(names) else "functorch"
     else:
         used = "hooks"
-    layers_fb = sorted({reason for reason in fallback.values()}) if strat is not Strategy.FUNCTORCH else []
+    reasons = {*fallback.values(), *group_fallback.values()}
+    layers_fb = sorted(reasons) if strat is not Strategy.FUNCTORCH else []
     return ModularNTK(grams=grams, strategy=used, fallback_layers=layers_fb, flops=flops, **result)  # type: ignore[arg-type]

@@ -1,0 +1,184 @@
+"""mNTK engine guards: parameters used outside their module are detected and sent to torch.func;
+the Σ-gradient self-check catches what detection cannot see. Every Gram against brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ntkit.errors import UnsupportedModelError
+from ntkit.ntk import modular_ntk
+from ntkit.ntk._checks import UseTracker, gram_self_check, op_name
+from ntkit.partition import ParamSlice, Partition
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def layers_partition(model: nn.Module) -> Partition:
+    spec: dict[str, list] = {}
+    for mname, m in model.named_modules():
+        own = [f"{mname}.{n}" if mname else n for n, _ in m.named_parameters(recurse=False)]
+        own = [n for n in own if n in dict(model.named_parameters())]
+        if own:
+            spec[mname or "root"] = [(p, 0, None) for p in own]
+    return Partition.from_slices(spec, kind="layer").bind(model)
+
+
+class TiedLM(nn.Module):
+    """Token embedding, one hidden Linear, output projection tied to the embedding as written in
+    user code (``use``): a module-less op on ``tok.weight``."""
+
+    def __init__(self, use: str, vocab: int = 9, d: int = 6) -> None:
+        super().__init__()
+        self.use = use
+        self.tok = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        if use == "bias_add":
+            self.out = nn.Linear(d, vocab)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.norm(torch.tanh(self.fc(self.tok(ids))))
+        w = self.tok.weight
+        if self.use == "matmul_t":
+            return h @ w.t()
+        if self.use == "linear":
+            return F.linear(h, w)
+        if self.use == "einsum":
+            return torch.einsum("btd,vd->btv", h, w)
+        if self.use == "bias_add":  # the hidden layer's bias reused functionally
+            return self.out(h + self.fc.bias)
+        raise KeyError(self.use)
+
+
+OPS = {
+    "matmul_t": ("tok.weight", "Tensor.t"),
+    "linear": ("tok.weight", "torch.nn.functional.linear"),
+    "einsum": ("tok.weight", "torch.einsum"),
+    "bias_add": ("fc.bias", "Tensor.add"),
+}
+
+
+@pytest.mark.parametrize("use", list(OPS))
+def test_tied_functional_use_detected_and_exact(use: str) -> None:
+    torch.manual_seed(0)
+    model = TiedLM(use).double().eval()
+    x = torch.randint(0, 9, (4, 3))
+    part = layers_partition(model)
+    ref = modular_ntk(model, x, part, strategy="brute_force").grams
+    got = modular_ntk(model, x, part)
+    pname, op = OPS[use]
+    assert rel(got.grams, ref) <= 1e-10
+    assert got.strategy == "hooks+functorch"
+    assert any(f.startswith(f"{pname}: used by {op} outside") for f in got.fallback_layers), got.fallback_layers
+    # only the misused parameter falls back; the others stay on hooks
+    assert all(f.startswith(pname) for f in got.fallback_layers)
+    with pytest.raises(UnsupportedModelError, match=pname.replace(".", r"\.")):
+        modular_ntk(model, x, part, strategy="hooks")
+    # the detection alone suffices: still exact without the self-check
+    assert rel(modular_ntk(model, x, part, self_check=False).grams, ref) <= 1e-10
+
+
+class MetaReader(nn.Module):
+    """Reads a covered weight's metadata outside its module: not a use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.fc.weight
+        assert w.shape[0] == w.size(0) == 5 and w.dim() == 2 and w.numel() == 20
+        x = x.to(w.dtype).to(w.device)
+        return self.out(torch.tanh(self.fc(x)))
+
+
+def test_metadata_reads_are_not_uses() -> None:
+    model = MetaReader().double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    part = layers_partition(model)
+    got = modular_ntk(model, x, part)
+    assert got.strategy == "hooks" and got.fallback_layers == []
+    assert rel(got.grams, modular_ntk(model, x, part, strategy="brute_force").grams) <= 1e-10
+
+
+class HookedTwice(nn.Module):
+    """A user forward hook on ``fc`` uses ``fc.weight`` a second time *inside* fc's call: the
+    tracker counts it as fc's own use, the Linear rule misses it — only the self-check sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 3), nn.Linear(3, 2)
+        self.fc.register_forward_hook(lambda m, args, out: out + 0.5 * F.linear(args[0], m.weight))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(torch.tanh(self.fc(x)))
+
+
+def test_self_check_catches_what_detection_misses() -> None:
+    torch.manual_seed(0)
+    model = HookedTwice().double().eval()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    part = Partition.from_slices(
+        {f"fc.{r}": [("fc.weight", 0, r), ("fc.bias", 0, r)] for r in range(3)}
+        | {"head": [("head.weight", 0, None), ("head.bias", 0, None)]}
+    ).bind(model)
+    ref = modular_ntk(model, x, part, strategy="brute_force").grams
+    unchecked = modular_ntk(model, x, part, self_check=False)
+    assert unchecked.strategy == "hooks" and rel(unchecked.grams[:3], ref[:3]) > 1e-2  # the defect
+    got = modular_ntk(model, x, part)
+    assert rel(got.grams, ref) <= 1e-10
+    assert got.strategy == "hooks+functorch"
+    assert sorted(f.split(":")[0] for f in got.fallback_layers) == ["fc.0", "fc.1", "fc.2"]
+    assert all("self-check failed" in f for f in got.fallback_layers)
+    assert torch.equal(got.grams[3], unchecked.grams[3])  # the head group kept its hook Gram
+    with pytest.raises(UnsupportedModelError, match="self-check"):
+        modular_ntk(model, x, part, strategy="hooks")
+    for output in ("logits",):
+        ref_k = modular_ntk(model, x, part, strategy="brute_force", output=output).grams
+        assert rel(modular_ntk(model, x, part, output=output).grams, ref_k) <= 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_self_check_no_false_alarm_on_supported_model(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    model[1].running_var.uniform_(0.5, 2.0)
+    model = model.to(dtype).eval()
+    x = torch.randn(6, 3, 6, 6, dtype=dtype)
+    got = modular_ntk(model, x, layers_partition(model))
+    assert got.strategy == "hooks" and got.fallback_layers == []
+
+
+def test_gram_self_check_unit() -> None:
+    """Zero hook Gram but a non-zero autograd gradient fails; a correct Gram passes; roundoff in a
+    tiny group next to a large one is tolerated."""
+    g = torch.randn(3, 4, dtype=torch.float64)  # per-sample gradients of a [4] parameter, S = 3
+    grams = torch.zeros(2, 3, 3, dtype=torch.float64)
+    grams[0] = g[:, :2] @ g[:, :2].T
+    slices = {"p": [(0, ParamSlice("p", 0, 0, 2)), (1, ParamSlice("p", 0, 2, 4))]}
+    total = g[[0, 2]].sum(0)
+    assert gram_self_check(grams, 1, [0, 2], {"p": total}, slices, 1e-9) == {1: pytest.approx(1.0)}
+    grams[1] = g[:, 2:] @ g[:, 2:].T
+    assert gram_self_check(grams, 1, [0, 2], {"p": total}, slices, 1e-9) == {}
+    assert gram_self_check(grams, 1, [0, 2], {"p": None}, slices, 1e-9).keys() == {0, 1}
+
+
+def test_op_names_and_tracker_scope() -> None:
+    assert op_name(F.linear) == "torch.nn.functional.linear"
+    assert op_name(torch.matmul) == "torch.matmul"
+    assert op_name(Tensor.t) == "Tensor.t"
+    lin = nn.Linear(2, 2)
+    w = lin.weight
+    active: dict[int, int] = {}
+    with UseTracker({id(w): ("lin.weight", frozenset({id(lin)}), "lin")}, active) as tr:
+        _ = w.shape, w.dtype, w.size(0)
+        active[id(lin)] = 1
+        _ = torch.cat([w, w])  # inside lin's forward: accounted
+        active[id(lin)] = 0
+        _ = torch.stack([w.detach()])  # w.detach() is the use
+    assert tr.found == {"lin.weight": "lin.weight: used by Tensor.detach outside lin"}
