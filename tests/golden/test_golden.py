@@ -25,7 +25,7 @@ _spec.loader.exec_module(mg)
 RTOL = 1e-5
 #: Recipes whose ci run is far the slowest (mat-switch: ~22 s vs 1.5–4 s for the others on 2 shared
 #: CPU cores); run them with ``-m slow``.
-SLOW: set[str] = set()  # every recipe's ci tier runs in seconds on a quiet 2-core machine (mat-switch 3.2 s)
+SLOW = {"pl-switch", "pl-vgg"}  # ~100–140 s at ci (plreg diagnostics: Hutchinson Tr(H) + mNTK per epoch); the rest take seconds
 
 
 def _golden() -> dict[str, Any]:

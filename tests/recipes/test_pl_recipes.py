@@ -47,6 +47,7 @@ def test_pl_bert_ci_prunes_heads_and_reports_the_winner(tmp_path: Path) -> None:
 
 
 @needs_data
+@pytest.mark.slow  # ~100 s at ci (plreg's per-epoch diagnostics on the MoE)
 def test_pl_switch_ci_prunes_experts_and_heads_and_draws_the_expert_heatmap(tmp_path: Path) -> None:
     res = _run("pl-switch", tmp_path, ["methods=vanilla,plreg,plreg_head_expert"])
     recs = {r["method"]: r for r in res["records"]}
@@ -57,6 +58,7 @@ def test_pl_switch_ci_prunes_experts_and_heads_and_draws_the_expert_heatmap(tmp_
 
 
 @needs_data
+@pytest.mark.slow  # ~140 s at ci (plreg's per-epoch diagnostics on VGG-16)
 def test_pl_vgg_ci_reports_both_ratios(tmp_path: Path) -> None:
     res = _run("pl-vgg", tmp_path, ["methods=vanilla,plreg_50,plreg_90", "seeds=[0]"])
     recs = {r["method"]: r for r in res["records"]}
