@@ -55,9 +55,8 @@ class TiedLM(nn.Module):
         raise KeyError(self.use)
 
 
-OPS = {
+OPS = {  # uses without a per-op rule: the parameter falls back, named with the op
     "matmul_t": ("tok.weight", "Tensor.t"),
-    "linear": ("tok.weight", "torch.nn.functional.linear"),
     "einsum": ("tok.weight", "torch.einsum"),
     "bias_add": ("fc.bias", "Tensor.add"),
 }
@@ -81,6 +80,36 @@ def test_tied_functional_use_detected_and_exact(use: str) -> None:
         modular_ntk(model, x, part, strategy="hooks")
     # the detection alone suffices: still exact without the self-check
     assert rel(modular_ntk(model, x, part, self_check=False).grams, ref) <= 1e-10
+
+
+class SecondLookup(nn.Module):
+    """``F.embedding(ids, tok.weight)`` a second time and ``F.linear(h, tok.weight)`` as the tied
+    output: three uses of one table, two of them functional (both have per-op rules)."""
+
+    def __init__(self, vocab: int = 9, d: int = 6, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.padding_idx = padding_idx
+        self.tok = nn.Embedding(vocab, d, padding_idx=padding_idx)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = torch.tanh(self.fc(self.tok(ids))) + F.embedding(ids.flip(1), self.tok.weight, self.padding_idx)
+        return F.linear(h, self.tok.weight)
+
+
+@pytest.mark.parametrize("model", [TiedLM("linear"), SecondLookup(), SecondLookup(padding_idx=-2)],
+                         ids=["tied_linear", "second_lookup", "padding_idx"])
+@pytest.mark.parametrize("output", ["sum_logits", "logits"])
+def test_functional_uses_with_rules_stay_on_hooks(model: nn.Module, output: str) -> None:
+    torch.manual_seed(0)
+    model = model.double().eval()
+    x = torch.randint(0, 9, (4, 3), generator=torch.Generator().manual_seed(0))
+    x[0, 1] = 7  # the padding row (padding_idx=-2) occurs
+    part = layers_partition(model)
+    ref = modular_ntk(model, x, part, strategy="brute_force", output=output).grams
+    got = modular_ntk(model, x, part, output=output, strategy="hooks")
+    assert got.strategy == "hooks" and got.fallback_layers == []
+    assert rel(got.grams, ref) <= 1e-10
 
 
 class MetaReader(nn.Module):

@@ -71,38 +71,54 @@ class UseTracker(TorchFunctionMode):
         active: ``{id(module): depth}`` — how many forwards of each module are running; the
             engine's forward pre-/post-hooks maintain it.
 
+        capture: optional per-op rule ``(func, args, kwargs, param name) → output or None``: a
+            use it returns an output for is accounted (the engine records it as one more use).
+
     After the ``with`` block, :attr:`found` maps each parameter name to
     ``"<param>: used by <op> outside <owner>"`` (its first unaccounted use).
     """
 
-    def __init__(self, watch: Mapping[int, tuple[str, frozenset[int], str]], active: Mapping[int, int]) -> None:
+    def __init__(
+        self,
+        watch: Mapping[int, tuple[str, frozenset[int], str]],
+        active: Mapping[int, int],
+        capture: Callable[[Any, Sequence[Any], dict[str, Any], str], Tensor | None] | None = None,
+    ) -> None:
         super().__init__()
         self.watch = watch
         self.active = active
+        self.capture = capture
         self.found: dict[str, str] = {}
 
-    def _hit(self, t: Any, func: Callable[..., Any]) -> None:
+    def _unaccounted(self, t: Any, func: Callable[..., Any], out: list[str]) -> None:
         w = self.watch.get(id(t))
         if w is None:
             return
-        pname, owners, owner_names = w
-        if pname in self.found or any(self.active.get(o, 0) > 0 for o in owners):
+        pname = w[0]
+        if pname in self.found or any(self.active.get(o, 0) > 0 for o in w[1]) or _is_meta(func):
             return
-        if _is_meta(func):
-            return
-        self.found[pname] = f"{pname}: used by {op_name(func)} outside {owner_names}"
+        out.append(pname)
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         watch = self.watch
+        hits: list[str] = []
         for a in (*args, *kwargs.values()):
             if isinstance(a, Tensor):
                 if id(a) in watch:
-                    self._hit(a, func)
+                    self._unaccounted(a, func, hits)
             elif isinstance(a, (list, tuple)):
                 for b in a:
                     if isinstance(b, Tensor) and id(b) in watch:
-                        self._hit(b, func)
+                        self._unaccounted(b, func, hits)
+        if hits:
+            if len(hits) == 1 and self.capture is not None:  # a use a per-op rule can take
+                out = self.capture(func, args, kwargs, hits[0])
+                if out is not None:
+                    return out
+            for pname in hits:
+                owner_names = next(w[2] for w in watch.values() if w[0] == pname)
+                self.found.setdefault(pname, f"{pname}: used by {op_name(func)} outside {owner_names}")
         return func(*args, **kwargs)
 
 

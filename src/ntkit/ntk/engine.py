@@ -38,10 +38,10 @@ gradients (S·P memory) before any Gram.
 
 Never silently wrong: the hook forward runs under :class:`~ntkit.ntk._checks.UseTracker`, which
 records every torch op consuming a covered parameter outside the forward of a module owning it
-(``F.linear(h, emb.weight)``, ``h @ emb.weight.t()``, ``x + fc.bias``): such a parameter goes to
-torch.func, reported as ``"tok.weight: used by torch.nn.functional.linear outside tok"`` (tied
-weights used through modules — a decoder ``nn.Linear`` whose ``weight`` *is* the embedding's —
-stay on hooks). Then a self-check (``self_check=True``) compares every group's hook Gram on two
+(``F.linear(h, emb.weight)``, ``h @ emb.weight.t()``, ``x + fc.bias``). Uses with a per-op rule
+(``F.linear`` with the parameter as weight, ``F.embedding`` with it as table) become one more
+hooked use, so a tied weight contributes every use; any other such parameter goes to torch.func,
+reported as ``"tok.weight: used by Tensor.t outside tok"``. Then a self-check (``self_check=True``) compares every group's hook Gram on two
 samples with autograd's gradient of their summed output and recomputes failing groups by
 torch.func. Layers the hooks do not support (any type
 other than Linear / Conv2d (groups=1, zero padding) / Embedding / LayerNorm / eval BatchNorm,
@@ -96,6 +96,11 @@ _CONTRACT_BUDGET = 1 << 20
 # positions (1.3–1.8×); at 8×8 unfold + bmm wins (~2×). A loop of batch-1 ``conv2d_weight`` calls
 # was faster in isolation at 8×8 but slower inside the engine (row chunks → S·chunks calls).
 _GROUPED_CONV_MIN_POSITIONS = 256
+
+
+# Functional ops with a per-sample gradient rule when a covered parameter is their weight operand
+# outside its module (tied output projections, a second lookup of an embedding table).
+_FUNCTIONAL_RULES: dict[Any, str] = {F.linear: "linear", F.embedding: "embedding"}
 
 
 def _conv_rows_family(positions: int) -> str:
@@ -522,6 +527,7 @@ class _HookRun:
         self.router_of: dict[int, SwitchFFN] = {}
         self.ctx: dict[int, dict[str, Any]] = {}
         self.active: dict[int, int] = defaultdict(int)  # id(module) → forwards running (UseTracker)
+        self.holders: list[nn.Module] = []  # stand-ins for functional uses (see capture)
         self.input_ptrs: set[int] = set()  # storages of the user's input tensors
         self.packed: Tensor | None = None  # sample of each output_mask position (packed outputs)
         for m in model.modules():
@@ -592,6 +598,49 @@ class _HookRun:
             return out
 
         return hook
+
+    def capture(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], pname: str) -> Tensor | None:
+        """Per-op rules for a covered parameter used outside its module (a :class:`UseTracker`
+        ``capture``): ``F.linear(x, W[, b])`` with W the parameter (b None or uncovered) and
+        ``F.embedding(ids, W)`` (no max_norm / scale_grad_by_freq), x / ids with sample dim 0.
+        The use becomes one more call of the parameter (tied weights: every use contributes).
+        Returns the op's output, or None when no rule applies (the parameter then falls back)."""
+        kind = _FUNCTIONAL_RULES.get(func)
+        if kind is None:
+            return None
+        names = ("input", "weight", "bias") if kind == "linear" else (
+            "input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+        bound = dict(zip(names, args)) | kwargs
+        x, p = bound.get("input"), self.params[pname]
+        if bound.get("weight") is not p or not isinstance(x, Tensor) or isinstance(x, nn.Parameter):
+            return None
+        if kind == "linear" and isinstance(bound.get("bias"), nn.Parameter):
+            return None
+        if kind == "embedding" and (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq")):
+            return None
+        if x.dim() < (1 if kind == "embedding" else 2) or x.shape[0] != self.s:
+            return None
+        if x.dim() == 1 and x.untyped_storage().data_ptr() not in self.input_ptrs:
+            return None
+        holder = nn.Module()  # stands for the op: holds the parameter as ``weight``
+        holder.weight = p
+        if kind == "embedding":
+            pad = bound.get("padding_idx")
+            holder.padding_idx = None if pad is None else int(pad) % p.shape[0]
+        self.holders.append(holder)
+        self.module_params[id(holder)].append(("weight", pname))
+        self.fired.add(pname)
+        out = func(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return out
+        call = _Call(holder, kind, x.detach(), None)
+        self.calls[pname].append(call)
+        if not out.requires_grad:
+            if self.leaf is None:
+                self.leaf = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+            out = out + self.leaf.to(out.dtype)
+        out.register_hook(lambda g, c=call: self._on_grad(c, g))
+        return out
 
     def _refuse(self, m: nn.Module, reason: str) -> None:
         for _, pname in self.module_params[id(m)]:
@@ -1022,7 +1071,7 @@ def modular_ntk(
                     run.packed = _mask_samples(output_mask)
                 handles = run.register()
                 watch = watch_map(params, {p: [(o.module, o.name) for o in os_] for p, os_ in hook_params.items()})
-                with UseTracker(watch, run.active) as tracker:
+                with UseTracker(watch, run.active, run.capture) as tracker:
                     z = _logits_of(model(*args, **kwargs))
                 for pname, why in tracker.found.items():
                     run.fallback.setdefault(pname, why)
