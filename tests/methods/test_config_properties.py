@@ -58,7 +58,7 @@ def _fields(name: str) -> list[str]:
 
 @st.composite
 def _mappings(draw):
-    name = draw(st.sampled_from(list_methods()))
+    name = draw(st.sampled_from([m for m in list_methods() if not m.startswith("_")]))
     keys = st.one_of(st.sampled_from(_fields(name) or ["alpha"]), st.sampled_from(["bogus", "Alpha", ""]))
     return name, draw(st.dictionaries(keys, VALUES, max_size=4))
 
@@ -175,7 +175,7 @@ VALID = {
 
 
 def test_every_registered_method_has_a_valid_config_strategy():
-    assert sorted(VALID) == list_methods()
+    assert sorted(VALID) == [m for m in list_methods() if not m.startswith("_")]  # "_x": tests' own methods
     for name, fields in VALID.items():
         assert set(fields) <= set(_fields(name)), name
 

@@ -45,7 +45,7 @@ def _loss(model, gen, device="cpu"):
 
 
 def test_every_registered_method_is_covered():
-    assert sorted(KW) == list_methods()
+    assert sorted(KW) == [m for m in list_methods() if not m.startswith("_")]  # "_x": tests' own methods
 
 
 @pytest.mark.parametrize("device", DEVICES)
