@@ -226,7 +226,7 @@ def make_config(cls: type, config: Any, kw: Mapping[str, Any], method: str) -> A
         return cls(**fields)
     except ConfigError as e:
         raise ConfigError(f"{method}.{e}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:  # e.g. an int beyond float range
         raise ConfigError(f"{method}: {' '.join(str(e).split())}") from None
 
 
