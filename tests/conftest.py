@@ -12,6 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# The suite is deterministic: property tests draw the same examples on every run (CI included), so a
+# red run is reproducible and a green one is not luck. Explore new examples with
+# NTKIT_HYPOTHESIS=explore (random seeds, example database on).
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("NTKIT_HYPOTHESIS", "deterministic"))
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -72,6 +72,18 @@ def test_each_schedule_step_keeps_exactly_the_requested_count(fields, expected):
         assert set(first["pruned"]) == set(lowest)
 
 
+@pytest.mark.parametrize(("ratio", "rounds"), [(1e-20, 1), (1e-12, 3), (5e-324, 1000)])
+def test_iterative_plan_of_a_tiny_ratio_is_valid_not_an_error(ratio, rounds):
+    # found by the property test: 1 − (1 − 1e-20)^1 cancels to 0.0, which Iterative refuses
+    from ntkit.methods.base import method_config
+
+    plan = method_config("structured_prune", {"schedule": "iterative", "rounds": rounds, "ratio": ratio}).plan()
+    if plan is not None:
+        assert 0.0 < plan.p < 1.0 and plan.p == pytest.approx(ratio / rounds, rel=1e-6)
+    else:
+        assert ratio / rounds < 1e-300  # only below float resolution is there nothing to prune
+
+
 def test_protection_never_empties_a_layer():
     model, _, ctl, method = _bound("structured_prune", criterion="random", surgery=False, ratio=0.9, t=0)
     _epochs(method, LoopContext(model=model, steps_per_epoch=1), 1, spe=1)

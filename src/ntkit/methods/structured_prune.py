@@ -36,6 +36,7 @@ not support surgery) the structures stay masked (``controller.set_pruned``) and 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -155,7 +156,10 @@ class StructuredPruneConfig:
         if self.schedule == "linear":
             end = self.t0 if self.t_end == -1 else self.t_end
             return Linear(self.t0, float(self.ratio), end - self.t0 + 1)
-        p = 1.0 - (1.0 - float(self.ratio)) ** (1.0 / self.rounds)
+        # 1 − (1 − ratio)^(1/rounds) without cancellation: a tiny ratio keeps a positive share
+        p = -math.expm1(math.log1p(-float(self.ratio)) / self.rounds)
+        if p <= 0.0:  # below float resolution per round: nothing to prune
+            return None
         return Iterative(p, self.rounds, self.every, t0=self.t0)
 
 
