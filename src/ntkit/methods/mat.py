@@ -4,7 +4,9 @@ Every ``interval`` epochs from ``start_epoch`` on, MAT measures the principal ei
 each module's mNTK on S random training samples (:func:`ntkit.methods.scores.ntk_lambda_max`,
 booked as overhead), then per module kind:
 
-1. modular policy — active iff λmax > λ_α = min + (max − min)·α (:func:`policies.modular_policy`);
+1. modular policy — active iff λmax > λ_α = min + (max − min)·α (:func:`policies.modular_policy`),
+   the min / max taken per kind (``threshold_scope="global"``) or per kind and layer
+   (``threshold_scope="layer"``);
 2. temporal policy — retire for good once Δ_t/Δ_1 < β (:func:`policies.temporal_policy`);
 3. protecting strategy — ≥ 1 active module per layer (:func:`policies.protect`).
 
@@ -12,6 +14,21 @@ The decision goes to the sparse controller (``set_active``): inactive modules ar
 partial backward (their weight gradients are never computed and their optimizer state is not
 touched); they still run forward. Modules whose kind has no α are not governed: always active.
 Pruned modules (``controller.pruned``) are never measured and never active.
+
+Two readings of the paper are options (``MATConfig.threshold_scope`` and ``MATConfig.probes``;
+DESIGN.md §3 says what our runs showed):
+
+* **Threshold scope.** Eq. 4 sets λ_α from the min and max λmax over "the modules". The literal
+  text means all modules of a kind in the network (``"global"``, the default for fidelity). With
+  BatchNorm (a filter's λmax scales with 1/‖w‖²) or post-LN attention, λmax spreads over 10³–10⁴×
+  across layers, so a global threshold leaves only the top layer training; ``"layer"`` applies the
+  same α within each (kind, layer), an equally literal reading of "the modules" of a layer.
+* **Probe set.** seed 000 §B.1: "MAT first randomly samples 64 data samples". ``"fresh"`` draws
+  S new samples at every evaluation; ``"fixed"`` draws them once, at the first evaluation, and
+  reuses them (the generator state of that draw is kept and replayed, so the same indices — and
+  for MLM the same masking — come back, also after a resume). With fresh probes Δ_t of the temporal
+  policy is dominated by sampling noise (per-filter λmax varies 14–30% between draws); with a fixed
+  probe set Δ_t measures the kernel's change only.
 
 Faults: a module whose λmax comes out non-finite (NaN / ±Inf from a diverged model, or an
 eigen-decomposition that failed — :class:`torch.linalg.LinAlgError` makes every module of that
@@ -82,6 +99,10 @@ class MATConfig:
         protect: keep ≥ 1 active module per layer (the protecting strategy).
         seed: seed of the generator that draws the S samples, an integer in [0, 2**64 − 1]
             (the generator state is saved in ``state_dict``).
+        threshold_scope: "global" — λ_α over all modules of a kind (the literal text of Eq. 4);
+            "layer" — λ_α over the modules of a kind within each layer (depth-independent).
+        probes: "fresh" — S new samples at every evaluation; "fixed" — S samples drawn at the
+            first evaluation and reused at every later one (the paper's "first samples 64").
     """
 
     alpha: float | dict[str, float] = field(default_factory=_default_alpha)
@@ -91,6 +112,8 @@ class MATConfig:
     interval: int = 8
     protect: bool = True
     seed: int = 0
+    threshold_scope: str = "global"
+    probes: str = "fresh"
 
     def __post_init__(self) -> None:
         check_per_kind(self.alpha, "alpha", 0.0, 1.0)
@@ -102,6 +125,13 @@ class MATConfig:
         _check_int(self.interval, "interval", 1)
         check(isinstance(self.protect, bool), "protect", self.protect, "a bool")
         check_seed(self.seed, "seed")
+        check(
+            self.threshold_scope in ("global", "layer"),
+            "threshold_scope",
+            self.threshold_scope,
+            "'global' or 'layer'",
+        )
+        check(self.probes in ("fresh", "fixed"), "probes", self.probes, "'fresh' or 'fixed'")
 
 
 def _check_int(value: object, name: str, lo: int | None) -> None:
@@ -135,7 +165,9 @@ class MAT(TrainingMethod):
     ``{"event": "mat", "epoch", "step", "evaluation", "lambda_max": {module: λ},
     "threshold": {kind: λ_α}, "active": [module, …], "retired": [newly retired module, …],
     "nonfinite": [module whose λmax was NaN / ±Inf, …], "num_active": {kind: n}}``
-    (``lambda_max`` holds the finite measurements only).
+    (``lambda_max`` holds the finite measurements only; with ``threshold_scope="layer"`` the
+    ``threshold`` keys are ``"kind/layer"``). ``probe_state`` holds the generator state of the fixed
+    probe draw (``probes="fixed"``; None until the first evaluation).
     """
 
     name = "mat"
@@ -150,6 +182,7 @@ class MAT(TrainingMethod):
         self.prev_lmax: Tensor | None = None
         self.delta1: Tensor | None = None
         self.evaluations = 0
+        self.probe_state: Tensor | None = None
         self._alpha: dict[str, float] = {}
         self._beta: Tensor | None = None
         self._dirty = False
@@ -227,7 +260,7 @@ class MAT(TrainingMethod):
         out = _nan(m)
         if idx.numel() == 0:
             return out
-        inputs, output_mask = ctx.ntk_batch(self.config.num_samples, self.generator)  # type: ignore[misc]
+        inputs, output_mask = ctx.ntk_batch(self.config.num_samples, self._probe_generator())  # type: ignore[misc]
         with overhead(ctx):
             if self.controller is not None:
                 apply_active(self.controller, ~pruned)
@@ -251,6 +284,17 @@ class MAT(TrainingMethod):
                 self._sync()
         out[idx] = lmax
         return out
+
+    def _probe_generator(self) -> torch.Generator:
+        """The generator the probe draw consumes: the method's own (``probes="fresh"``), or a copy
+        of the state it had at the first fixed draw (``probes="fixed"``: same samples every time)."""
+        if self.config.probes == "fresh":
+            return self.generator
+        if self.probe_state is None:
+            self.probe_state = self.generator.get_state()
+        g = torch.Generator()
+        g.set_state(self.probe_state)
+        return g
 
     def decide(self, ctx: LoopContext, lmax: Tensor, measured: Tensor | None = None) -> Tensor:
         """Apply the three policies to a measurement, update the state, send the active set to the
@@ -302,12 +346,22 @@ class MAT(TrainingMethod):
         kept = governed & ~pruned & ~measured
         active = (~pruned & ~governed) | (kept & self.active)
         thresholds: dict[str, float] = {}
+        by_layer = self.config.threshold_scope == "layer"
+        layers = self.partition.layers
         for kind, alpha in self._alpha.items():
-            sel = self.partition.kind_mask(kind) & measured
-            if not bool(sel.any()):
-                continue
-            act, thresholds[kind] = modular_policy(lmax[sel], alpha)
-            active[sel] = act & ~self.retired[sel]
+            kind_sel = self.partition.kind_mask(kind) & measured
+            idx = kind_sel.nonzero(as_tuple=True)[0].tolist()
+            scopes = list(dict.fromkeys(layers[i] for i in idx)) if by_layer else [None]
+            for layer in scopes:
+                sel = kind_sel
+                if layer is not None:
+                    sel = kind_sel & torch.tensor([lay == layer for lay in layers], dtype=torch.bool)
+                if not bool(sel.any()):
+                    continue
+                act, thresholds[kind if layer is None else f"{kind}/{layer}"] = modular_policy(
+                    lmax[sel], alpha
+                )
+                active[sel] = act & ~self.retired[sel]
         if self.config.protect:
             # kept active modules count as the layer's active one; kept inactive ones are never
             # switched on by the protection (their score is unknown)
@@ -344,6 +398,7 @@ class MAT(TrainingMethod):
             **super().state_dict(),
             "generator": generator_state(self.generator),
             "evaluations": self.evaluations,
+            "probe_state": None if self.probe_state is None else self.probe_state.tolist(),
         }
         if self.active is not None:
             assert self.retired is not None and self.prev_lmax is not None and self.delta1 is not None
@@ -359,6 +414,8 @@ class MAT(TrainingMethod):
         super().load_state_dict(state)
         set_generator_state(self.generator, state["generator"])
         self.evaluations = int(state.get("evaluations", 0))
+        ps = state.get("probe_state")
+        self.probe_state = None if ps is None else torch.tensor(ps, dtype=torch.uint8)
         if "active" in state:
             self.active = torch.tensor(state["active"], dtype=torch.bool)
             self.retired = torch.tensor(state["retired"], dtype=torch.bool)
