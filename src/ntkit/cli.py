@@ -8,7 +8,8 @@
                      [--resume] [--dry-run] [key=value ...]
     torchrun --standalone --nproc_per_node N -m ntkit run RECIPE ...   (data-parallel; rank 0 writes)
     ntkit bench {ntk,backward} [args ...]
-    ntkit report RUN_DIR
+    ntkit report RUN_DIR                     (re-render RUN_DIR/report.md)
+    ntkit report RUN… [--out FILE]           (merge runs: seeds, recipes, machines)
 
 User errors (:class:`ntkit.errors.NtkitError`: unknown names, bad tier or override, missing data
 dir, corrupt files) and command-line usage errors print ONE line ``ntkit: error: …`` on stderr
@@ -125,10 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser(
         "report",
-        help="re-render report.md of a run directory from results.json",
-        description="Re-render RUN_DIR/report.md from RUN_DIR/results.json.",
+        help="re-render a run's report.md, or merge several runs into one report",
+        description="With one RUN_DIR and no --out: re-render RUN_DIR/report.md from RUN_DIR/results.json. "
+        "With several (run directories or results.json files: seeds, recipes, machines) or --out: merge them "
+        "into one markdown report — per recipe and config, every method's mean ± std over all seeds, the "
+        "papers' published numbers beside ours, the machines and plots (see ntkit.recipes.merge); written "
+        "to --out, else printed.",
     )
-    rep.add_argument("run_dir", help="a directory written by `ntkit run`")
+    rep.add_argument("run_dir", nargs="+", metavar="RUN", help="run directories written by `ntkit run`, or results.json files")
+    rep.add_argument("--out", default=None, metavar="FILE", help="write the merged report here (links relative to it)")
+    rep.add_argument("--paper-numbers", default=None, metavar="FILE", help="paper_numbers.json (default: found "
+                     "next to --data-dir / $NTKIT_DATA_DIR / the runs' data directories)")
+    rep.add_argument("--data-dir", default=None, help="dataset directory whose ../reference/ holds paper_numbers.json")
     return p
 
 
@@ -294,10 +303,16 @@ def _exit_code(rc: object) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ntkit.recipes import rerender_report
+    if len(args.run_dir) == 1 and args.out is None:
+        from ntkit.recipes import rerender_report
 
-    path = rerender_report(args.run_dir)
-    print(f"wrote {path}")
+        path = rerender_report(args.run_dir[0])
+        print(f"wrote {path}")
+        return 0
+    from ntkit.recipes.merge import merge_report
+
+    text = merge_report(args.run_dir, args.out, paper_numbers=args.paper_numbers, data_dir=args.data_dir)
+    print(f"wrote {args.out}" if args.out is not None else text, end="\n" if args.out is not None else "")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 A run directory holds::
 
-    config.json    the fully resolved config (+ recipe, tier, overrides, versions), written first
+    config.json    the fully resolved config (+ recipe, tier, overrides, versions, machine), written first
     results.json   {"recipe", "tier", "config", "results": <what the recipe returned>, "wall_clock_s", …}
     report.md      markdown rendered from results.json (re-render with ``ntkit report RUN_DIR``)
     *.png          plots the recipe wrote
@@ -457,6 +457,22 @@ def _versions() -> dict[str, str]:
     }
 
 
+def _machine() -> dict[str, Any]:
+    """Where a run ran, for ``ntkit report`` to say which machines merged runs came from."""
+    import os
+
+    import torch
+
+    acc = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {
+        "hostname": platform.node(),
+        "platform": platform.platform(terse=True),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "accelerator": acc,
+    }
+
+
 # --------------------------------------------------------------------------- running
 def run_recipe(
     recipe: Recipe | str,
@@ -517,6 +533,7 @@ def run_recipe(
         "overrides": dict(overrides),
         "data_dir": str(data_path) if data_path else None,
         "versions": _versions(),
+        "machine": _machine(),
         "started_utc": _now(),
     }
     if main and not (resume and (out / "config.json").is_file()):

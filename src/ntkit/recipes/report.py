@@ -644,7 +644,8 @@ def comparison_result(
         baseline: the reference method (vanilla).
         extra: more top-level fields for results.json.
 
-    Returns: ``{"title", "verdict", "summary", "tables", "plots", "notes", "aggregate", "records", …}``.
+    Returns: ``{"title", "verdict", "summary", "tables", "plots", "notes", "aggregate", "records", "layout", …}``;
+        ``layout`` holds ``columns``, ``paper_key`` and ``paper_rows`` for :mod:`ntkit.recipes.merge`.
     """
     agg = aggregate(records, AGG_KEYS, AGG_LIST_KEYS)
     pcols: list[str] = []
@@ -702,6 +703,8 @@ def comparison_result(
         "notes": all_notes,
         "aggregate": agg,
         "records": records,
+        # how this table was built, so `ntkit report` can rebuild it from merged records (merge.py)
+        "layout": {"columns": [list(c) for c in columns], "paper_key": paper_key, "paper_rows": paper_rows or {}},
     }
     doc.update(extra or {})
     return doc
