@@ -4,7 +4,8 @@
   only for the active partition groups (custom autograd, never a full backward then zeroing), and
   structured pruning (pruned groups act as zero in the forward pass and cost nothing).
 * :class:`SlicedAdamW` — AdamW that updates only the active slices, with per-slice step counts
-  and an optional per-group learning-rate multiplier.
+  and an optional per-group learning-rate multiplier; :class:`SlicedSGD` — SGD with momentum and
+  weight decay with the same sliced semantics (the paper's VGG optimizer).
 * :func:`remove_groups` / :func:`replay` / :func:`carry_optimizer_state` — surgery that physically
   removes pruned heads, experts and filters (:class:`StructureChange`).
 """
@@ -12,12 +13,13 @@
 from __future__ import annotations
 
 from ntkit.sparse.controller import ParamSlicing, SparseController, attach
-from ntkit.sparse.optim import SlicedAdamW
+from ntkit.sparse.optim import SlicedAdamW, SlicedSGD
 from ntkit.sparse.surgery import StructureChange, carry_optimizer_state, remove_groups, replay
 
 __all__ = [
     "ParamSlicing",
     "SlicedAdamW",
+    "SlicedSGD",
     "SparseController",
     "StructureChange",
     "attach",

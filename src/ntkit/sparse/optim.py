@@ -1,4 +1,5 @@
-"""AdamW that touches only the active slices of covered parameters."""
+"""Optimizers that touch only the active slices of covered parameters: :class:`SlicedAdamW`
+and :class:`SlicedSGD` (the paper's VGG optimizer, seed 000 §B.1)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from ntkit.errors import ConfigError, check
 from ntkit.sparse.controller import SparseController
 
-__all__ = ["SlicedAdamW"]
+__all__ = ["SlicedAdamW", "SlicedSGD"]
 
 
 class SlicedAdamW(torch.optim.Optimizer):
@@ -87,12 +88,7 @@ class SlicedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        m = len(self.ctl.partition)
-        if lr_scale is not None:
-            lr_scale = torch.as_tensor(lr_scale).detach().cpu()
-            if tuple(lr_scale.shape) != (m,) or not lr_scale.is_floating_point():
-                raise ConfigError(f"lr_scale: expected a float tensor of shape ({m},), got {tuple(lr_scale.shape)}")
-            lr_scale = lr_scale.double()
+        lr_scale = _check_lr_scale(lr_scale, len(self.ctl.partition))
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -134,12 +130,7 @@ class SlicedAdamW(torch.optim.Optimizer):
         steps = counts[rows]
         shape = [1] * p.dim()
         shape[sl.dim] = -1
-        if lr_scale is not None:
-            g_of = sl.group_of if idx is None else idx.take(sl.group_of, 0)
-            scale = torch.where(g_of >= 0, lr_scale[g_of.clamp(min=0)], torch.ones((), dtype=torch.float64))
-            lr: float | Tensor = (group["lr"] * scale).view(shape)
-        else:
-            lr = group["lr"]
+        lr = _slice_lr(group["lr"], lr_scale, sl, idx, shape)
         if steps.min() == steps.max():
             step: int | Tensor = int(steps[0])
         else:
@@ -194,3 +185,143 @@ def _adamw(
     step_size = lr / bias_correction1
     denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
     p.addcdiv_(m, denom, value=-step_size)
+
+
+def _check_lr_scale(lr_scale: Tensor | None, m: int) -> Tensor | None:
+    """``lr_scale`` as float64 [M] on the CPU (None stays None); a one-line error otherwise."""
+    if lr_scale is None:
+        return None
+    lr_scale = torch.as_tensor(lr_scale).detach().cpu()
+    if tuple(lr_scale.shape) != (m,) or not lr_scale.is_floating_point():
+        raise ConfigError(f"lr_scale: expected a float tensor of shape ({m},), got {tuple(lr_scale.shape)}")
+    return lr_scale.double()
+
+
+def _slice_lr(lr: float, lr_scale: Tensor | None, sl: Any, idx: Any, shape: list[int]) -> float | Tensor:
+    """The learning rate of the trained indices of one sliced parameter: ``lr`` (a float) without
+    ``lr_scale``, else float64 ``lr · scale`` per index, shaped to broadcast along the sliced dim
+    (indices no group owns use 1)."""
+    if lr_scale is None:
+        return lr
+    g_of = sl.group_of if idx is None else idx.take(sl.group_of, 0)
+    scale = torch.where(g_of >= 0, lr_scale[g_of.clamp(min=0)], torch.ones((), dtype=torch.float64))
+    return (lr * scale).view(shape)
+
+
+class SlicedSGD(torch.optim.Optimizer):
+    """SGD with momentum and (coupled, L2) weight decay for partially trained models — the
+    optimizer of the paper's VGG runs (seed 000 §B.1: "trained with SGD … initial learning rate of
+    0.1"), whose NTK argument is about gradient descent.
+
+    The update is ``torch.optim.SGD``'s with ``dampening=0, nesterov=False``:
+    ``d = g + wd·p``; ``buf = momentum·buf + d`` (the first step of an index gives ``buf = d``);
+    ``p −= lr·buf``. Covered parameters (those a partition group slices) are updated only on the
+    indices that are active now (``ctl.active`` groups plus indices no group owns): their values,
+    momentum buffer and weight decay are untouched elsewhere and no work is done for them (the
+    partial backward computed no gradient there; this step gathers, updates and writes back only
+    the active rows, or updates contiguous ones in place). An index's momentum buffer starts at
+    zero, so its first active step gives ``buf = d`` exactly as torch's ``clone`` does; a module
+    that was inactive keeps its buffer frozen and resumes from it (momentum is not decayed over
+    steps it did not take — the slice's own history, like SlicedAdamW's per-slice step counts).
+    Shared parameters are updated as by ``torch.optim.SGD``; parameters whose ``.grad`` is None
+    are skipped. With every group active and no ``lr_scale`` the numbers equal
+    ``torch.optim.SGD(foreach=False)``.
+
+    Set the active groups before the forward pass and do not change them between backward and
+    :meth:`step`. ``lr`` lives in ``param_groups[0]["lr"]``, so schedulers work.
+
+    Args:
+        model: the model ``ctl`` is attached to; all its parameters are optimised.
+        ctl: the :class:`~ntkit.sparse.SparseController`.
+        lr: learning rate ≥ 0 (paper, VGG: 0.1).
+        momentum: in [0, 1) (0 = plain SGD, no buffer kept).
+        weight_decay: L2 coefficient ≥ 0 added to the gradient (torch.optim.SGD's, coupled).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ctl: SparseController,
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
+        check(lr >= 0, "lr", lr, "a number >= 0")
+        check(0 <= momentum < 1, "momentum", momentum, "a number in [0, 1)")
+        check(weight_decay >= 0, "weight_decay", weight_decay, "a number >= 0")
+        named = list(model.named_parameters())
+        self.ctl = ctl
+        self._name_of = {id(p): n for n, p in named}
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        super().__init__([p for _, p in named], defaults)
+        ctl.keep_grad_rows = True  # the backward hands over the active gradient rows it computed
+
+    @torch.no_grad()
+    def step(self, closure: Any = None, lr_scale: Tensor | None = None) -> Any:  # type: ignore[override]
+        """One update. ``lr_scale``: optional float Tensor [M], a per-group multiplier of ``lr``
+        (shared parameters and unowned indices use 1)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        lr_scale = _check_lr_scale(lr_scale, len(self.ctl.partition))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                name = self._name_of[id(p)]
+                if name in self.ctl.slicings:
+                    self._update_sliced(p, name, group, lr_scale)
+                else:
+                    _sgd(p, p.grad, self._buffer(p, group), group, group["lr"])
+        return loss
+
+    def _buffer(self, p: Tensor, group: dict[str, Any]) -> Tensor | None:
+        """The momentum buffer of ``p`` (zeros at first: 0·momentum + d = d bit for bit, torch's
+        first step), None without momentum."""
+        if not group["momentum"]:
+            return None
+        st = self.state[p]
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st["momentum_buffer"]
+
+    def _update_sliced(self, p: Tensor, name: str, group: dict[str, Any], lr_scale: Tensor | None) -> None:
+        sl = self.ctl.slicings[name]
+        idx = self.ctl.active_sel(name)
+        if idx is not None and len(idx) == 0:
+            return
+        buf = self._buffer(p, group)
+        shape = [1] * p.dim()
+        shape[sl.dim] = -1
+        lr = _slice_lr(group["lr"], lr_scale, sl, idx, shape)
+        d = sl.dim
+        g_rows = self.ctl.take_grad_rows(name, p.grad)  # (handed out once: taken on every path)
+        if idx is None or idx.contiguous:  # views: updated in place
+            if idx is None:
+                _sgd(p, p.grad, buf, group, lr)
+            else:
+                _sgd(idx.take(p, d), idx.take(p.grad, d), None if buf is None else idx.take(buf, d), group, lr)
+            return
+        w = idx.take(p, d)
+        g = g_rows if g_rows is not None and g_rows.shape == w.shape else idx.take(p.grad, d)
+        b = None if buf is None else idx.take(buf, d)
+        _sgd(w, g, b, group, lr)
+        idx.put(p, d, w)
+        if b is not None:
+            idx.put(buf, d, b)
+
+
+def _sgd(p: Tensor, g: Tensor, buf: Tensor | None, group: dict[str, Any], lr: float | Tensor) -> None:
+    """In-place SGD on (views or copies of) one tensor, in torch.optim.SGD's operation order
+    (dampening 0, no Nesterov); ``buf`` None = no momentum. ``lr``: a Python float, or a float64
+    tensor broadcastable to ``p``."""
+    wd, mom = group["weight_decay"], group["momentum"]
+    d = g.add(p, alpha=wd) if wd else g
+    if buf is not None and mom:
+        buf.mul_(mom).add_(d)
+        d = buf
+    if isinstance(lr, Tensor):
+        p.add_(d * (-lr).to(p.dtype))
+    else:
+        p.add_(d, alpha=-lr)
