@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkit.errors import ConfigError
+from ntkit.structure import structure_of
 
 __all__ = [
     "ModuleGroup",
@@ -397,26 +398,24 @@ def _separate_qkv(model: nn.Module, mname: str, m: nn.Module) -> _SeparateQKV | 
     return _SeparateQKV(q, k, v, out, n_heads, dh)  # type: ignore[arg-type]
 
 
-def _head_groups(model: nn.Module) -> list[ModuleGroup]:
-    from ntkit.models.layers import MultiHeadSelfAttention
+def _declared_heads(model: nn.Module, mname: str, m: nn.Module, fn) -> list[ModuleGroup]:
+    names = _param_names(model)
+    layer = _layer_name(mname)
+    groups = []
+    for h, slices in enumerate(fn(m)):
+        ps = tuple(ParamSlice(names[id(sl.param)], sl.dim, sl.start, sl.stop) for sl in slices if sl.param is not None)
+        groups.append(ModuleGroup(_qual(mname, f"head{h}"), "head", layer, ps))
+    return groups
 
+
+def _head_groups(model: nn.Module) -> list[ModuleGroup]:
     names = _param_names(model)
     groups: list[ModuleGroup] = []
     for mname, m in model.named_modules():
         layer = _layer_name(mname)
-        if isinstance(m, MultiHeadSelfAttention):
-            # fused qkv: rows [q; k; v], each block num_heads·head_dim rows; proj columns by head.
-            dh, n_heads = m.head_dim, m.num_heads
-            block = m.qkv.out_features // 3
-            qkv_w, proj_w = names[id(m.qkv.weight)], names[id(m.proj.weight)]
-            qkv_b = names[id(m.qkv.bias)] if m.qkv.bias is not None else None
-            for h in range(n_heads):
-                rows = [(j * block + h * dh, j * block + (h + 1) * dh) for j in range(3)]
-                slices = [ParamSlice(qkv_w, 0, a, b) for a, b in rows]
-                if qkv_b is not None:
-                    slices += [ParamSlice(qkv_b, 0, a, b) for a, b in rows]
-                slices.append(ParamSlice(proj_w, 1, h * dh, (h + 1) * dh))
-                groups.append(ModuleGroup(_qual(mname, f"head{h}"), "head", layer, tuple(slices)))
+        st = structure_of(m)
+        if st is not None and st.heads is not None:  # declared (the zoo's fused QKV, HF GPT-2, …)
+            groups += _declared_heads(model, mname, m, st.heads)
             continue
         att = _separate_qkv(model, mname, m)
         if att is None:
@@ -440,13 +439,12 @@ def _head_groups(model: nn.Module) -> list[ModuleGroup]:
 
 
 def _expert_groups(model: nn.Module) -> list[ModuleGroup]:
-    from ntkit.models.layers import SwitchFFN
-
     names = _param_names(model)
     groups: list[ModuleGroup] = []
     for mname, m in model.named_modules():
-        if isinstance(m, SwitchFFN):
-            for e, expert in enumerate(m.experts):
+        st = structure_of(m)
+        if st is not None and st.experts is not None:
+            for e, expert in enumerate(st.experts(m)):
                 slices = tuple(_whole(names[id(p)], p) for p in expert.parameters() if p.dim() > 0)
                 groups.append(ModuleGroup(_qual(mname, f"expert{e}"), "expert", _layer_name(mname), slices))
     return groups
@@ -594,15 +592,20 @@ def attention_heads(model: nn.Module) -> Partition:
       query attention (fewer K/V rows than Q rows) K and V serve several heads and stay shared:
       a head is then its Q rows and output columns.
 
+    * any layer whose class declares ``heads`` (:func:`ntkit.structure.declare`): HF GPT-2's
+      fused ``c_attn`` Conv1D (head h: its q, k, v columns and ``c_attn.bias`` entries, rows
+      ``[h·dh, (h+1)·dh)`` of ``c_proj.weight``) and your own layers.
+
     Raises UnsupportedModelError when the model has no such modules.
     """
     return _finish(model, _head_groups(model), "attention heads")
 
 
 def moe_experts(model: nn.Module) -> Partition:
-    """One group per :class:`ntkit.models.layers.SwitchFFN` expert (kind ``"expert"``, layer =
-    the SwitchFFN's name): every parameter of the expert, as whole tensors. The router is shared
-    (not covered)."""
+    """One group per expert of every layer that declares ``experts``
+    (:func:`ntkit.structure.declare`; e.g. :class:`ntkit.models.layers.SwitchFFN`), kind
+    ``"expert"``, layer = the MoE layer's name: every parameter of the expert, as whole tensors.
+    The router is shared (not covered)."""
     return _finish(model, _expert_groups(model), "MoE experts")
 
 

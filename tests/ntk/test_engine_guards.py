@@ -38,7 +38,7 @@ class TiedLM(nn.Module):
         self.tok = nn.Embedding(vocab, d)
         self.fc = nn.Linear(d, d)
         self.norm = nn.LayerNorm(d)
-        if use == "bias_add":
+        if use in ("bias_add", "bias_sigmoid", "scale_shift", "matmul"):
             self.out = nn.Linear(d, vocab)
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -52,13 +52,20 @@ class TiedLM(nn.Module):
             return torch.einsum("btd,vd->btv", h, w)
         if self.use == "bias_add":  # the hidden layer's bias reused functionally
             return self.out(h + self.fc.bias)
+        if self.use == "bias_sigmoid":  # … through an op without a rule
+            return self.out(h * torch.sigmoid(self.fc.bias))
+        if self.use == "scale_shift":  # every element-wise form, both operand orders
+            b = self.fc.bias
+            return self.out((b * h - b) * self.norm.weight + (b - h) + h * b)
+        if self.use == "matmul":  # x @ W with W [in, out] (the table's first d rows)
+            return self.out(torch.tanh(h @ self.fc.weight) + torch.matmul(h, self.fc.weight))
         raise KeyError(self.use)
 
 
 OPS = {  # uses without a per-op rule: the parameter falls back, named with the op
     "matmul_t": ("tok.weight", "Tensor.t"),
     "einsum": ("tok.weight", "torch.einsum"),
-    "bias_add": ("fc.bias", "Tensor.add"),
+    "bias_sigmoid": ("fc.bias", "torch.sigmoid"),
 }
 
 
@@ -97,8 +104,12 @@ class SecondLookup(nn.Module):
         return F.linear(h, self.tok.weight)
 
 
-@pytest.mark.parametrize("model", [TiedLM("linear"), SecondLookup(), SecondLookup(padding_idx=-2)],
-                         ids=["tied_linear", "second_lookup", "padding_idx"])
+@pytest.mark.parametrize(
+    "model",
+    [TiedLM("linear"), TiedLM("bias_add"), TiedLM("scale_shift"), TiedLM("matmul"), SecondLookup(),
+     SecondLookup(padding_idx=-2)],
+    ids=["tied_linear", "bias_add", "scale_shift", "matmul", "second_lookup", "padding_idx"],
+)
 @pytest.mark.parametrize("output", ["sum_logits", "logits"])
 def test_functional_uses_with_rules_stay_on_hooks(model: nn.Module, output: str) -> None:
     torch.manual_seed(0)

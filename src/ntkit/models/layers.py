@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ntkit.errors import check
+from ntkit.structure import HeadSlice, declare
 
 __all__ = ["DenseFFN", "Expert", "MultiHeadSelfAttention", "SwitchFFN", "TransformerBlock"]
 
@@ -117,6 +118,38 @@ class SwitchFFN(nn.Module):
         self.last_dispatch = dispatch
         self.last_shape = (b, t)
         return out.view(b, t, d)
+
+
+def _mhsa_heads(m: MultiHeadSelfAttention) -> list[list[HeadSlice]]:
+    """Head h of H (head_dim dh, block B = qkv.out_features / 3): ``qkv`` weight / bias rows
+    ``[j·B + h·dh, j·B + (h+1)·dh)`` for j = 0, 1, 2 (its q, k, v rows) and ``proj.weight``
+    columns ``[h·dh, (h+1)·dh)``; ``proj.bias`` is shared by all heads."""
+    dh, block = m.head_dim, m.qkv.out_features // 3
+    heads = []
+    for h in range(m.num_heads):
+        rows = [(j * block + h * dh, j * block + (h + 1) * dh) for j in range(3)]
+        slices = [HeadSlice(m.qkv.weight, 0, a, b) for a, b in rows]
+        if m.qkv.bias is not None:
+            slices += [HeadSlice(m.qkv.bias, 0, a, b) for a, b in rows]
+        slices.append(HeadSlice(m.proj.weight, 1, h * dh, (h + 1) * dh))
+        heads.append(slices)
+    return heads
+
+
+# what the mNTK engine and the partition builders need to know about these layers (ntkit.structure)
+declare(
+    MultiHeadSelfAttention,
+    heads=_mhsa_heads,
+    coupling=lambda m: f"attention dropout={m.dropout} in training makes the kernel random"
+    if m.training and m.dropout > 0 else None,
+)
+declare(
+    SwitchFFN,
+    experts=lambda m: list(m.experts),
+    router=lambda m: m.router,
+    dispatch=lambda m: (list(m.last_dispatch), m.last_shape[1]),
+    coupling=lambda m: "expert capacity couples samples in training" if m.training else None,
+)
 
 
 class TransformerBlock(nn.Module):

@@ -195,11 +195,16 @@ def gram_self_check(
 
 
 def watch_map(
-    params: Mapping[str, nn.Parameter], owners: Mapping[str, Sequence[tuple[nn.Module, str]]]
+    params: Mapping[str, nn.Parameter],
+    owners: Mapping[str, Sequence[tuple[nn.Module, str]]],
+    labels: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[int, tuple[str, frozenset[int], str]]:
     """``{id(param): (name, owner module ids, owner names)}`` for :class:`UseTracker`; ``owners``
-    maps each watched parameter name to its (module, module name) pairs."""
-    return {
-        id(params[p]): (p, frozenset(id(m) for m, _ in os_), " / ".join(sorted({n for _, n in os_})))
-        for p, os_ in owners.items()
-    }
+    maps each watched parameter name to the (module, module name) pairs whose forward accounts
+    for its uses (possibly none), ``labels`` to the module names its messages name (default: those
+    owners')."""
+    out = {}
+    for p, os_ in owners.items():
+        names = labels[p] if labels is not None and p in labels else [n for _, n in os_]
+        out[id(params[p])] = (p, frozenset(id(m) for m, _ in os_), " / ".join(sorted(set(names))))
+    return out

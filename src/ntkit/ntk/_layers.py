@@ -14,7 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 from ntkit.errors import UnsupportedModelError
-from ntkit.models.layers import MultiHeadSelfAttention, SwitchFFN
+from ntkit.structure import structure_of
 
 __all__ = ["check_independent", "conv_output_hw", "conv_padding", "conv_padding_hw", "unfold"]
 
@@ -23,7 +23,8 @@ def check_independent(model: nn.Module, caller: str) -> None:
     """Raise :class:`UnsupportedModelError` (naming the module and ``caller``) when a module
     couples samples or randomises outputs: BatchNorm using batch statistics (training mode, or no
     running statistics), active dropout (p > 0 in training mode, also attention dropout of
-    :class:`~ntkit.models.layers.MultiHeadSelfAttention` / ``nn.MultiheadAttention``), a
+    ``nn.MultiheadAttention``), and whatever a layer's declared ``coupling``
+    (:func:`ntkit.structure.declare`) reports — e.g. the zoo's attention dropout and a
     :class:`~ntkit.models.layers.SwitchFFN` in training mode (expert capacity). Modes are never
     switched here."""
     for name, m in model.named_modules():
@@ -33,10 +34,10 @@ def check_independent(model: nn.Module, caller: str) -> None:
             why = "BatchNorm using batch statistics couples samples"
         elif isinstance(m, _DropoutNd) and m.training and m.p > 0:
             why = f"active dropout p={m.p} makes the kernel random"
-        elif isinstance(m, (MultiHeadSelfAttention, nn.MultiheadAttention)) and m.training and m.dropout > 0:
+        elif isinstance(m, nn.MultiheadAttention) and m.training and m.dropout > 0:
             why = f"attention dropout={m.dropout} in training makes the kernel random"
-        elif isinstance(m, SwitchFFN) and m.training:
-            why = "expert capacity couples samples in training"
+        elif (st := structure_of(m)) is not None and st.coupling is not None:
+            why = st.coupling(m)
         if why is not None:
             raise UnsupportedModelError(f"module {label}: {why}; call model.eval() before {caller}")
 

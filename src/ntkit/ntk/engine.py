@@ -69,7 +69,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ntkit.errors import ConfigError, UnsupportedModelError, check
-from ntkit.models.layers import SwitchFFN
 from ntkit.ntk._checks import UseTracker, check_tolerance, gram_self_check, subset_rows, watch_map
 from ntkit.ntk._grams import (
     SliceSpec,
@@ -80,6 +79,7 @@ from ntkit.ntk._grams import (
 )
 from ntkit.ntk._layers import check_independent, conv_output_hw, conv_padding_hw, unfold
 from ntkit.partition import ParamSlice, Partition, param_owners
+from ntkit.structure import structure_of
 
 if TYPE_CHECKING:
     from ntkit.ntk.spectrum import Spectrum
@@ -101,6 +101,84 @@ _GROUPED_CONV_MIN_POSITIONS = 256
 # Functional ops with a per-sample gradient rule when a covered parameter is their weight operand
 # outside its module (tied output projections, a second lookup of an embedding table).
 _FUNCTIONAL_RULES: dict[Any, str] = {F.linear: "linear", F.embedding: "embedding"}
+_LINEAR_ARGS = ("input", "weight", "bias")
+_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
+# element-wise ops by a broadcast parameter: name → (kind, sign of P's term when P is the first
+# operand, when P is the second)
+_ELEMENTWISE: dict[str, tuple[str, float, float]] = {
+    "add": ("shift", 1.0, 1.0), "__add__": ("shift", 1.0, 1.0), "__radd__": ("shift", 1.0, 1.0),
+    "sub": ("shift", 1.0, -1.0), "__sub__": ("shift", 1.0, -1.0), "__rsub__": ("shift", -1.0, 1.0),
+    "mul": ("scale", 1.0, 1.0), "__mul__": ("scale", 1.0, 1.0), "__rmul__": ("scale", 1.0, 1.0),
+}
+_MATMUL = frozenset({"matmul", "__matmul__"})
+
+
+def _bind(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    names = _LINEAR_ARGS if _FUNCTIONAL_RULES.get(func) == "linear" else _EMBEDDING_ARGS
+    return dict(zip(names, args)) | kwargs
+
+
+def _broadcasts_over_samples(p: Tensor, x: Tensor) -> bool:
+    """P broadcasts against X [S, …] without a sample dim of its own and without growing X."""
+    if p.dim() > x.dim() or (p.dim() == x.dim() and p.shape[0] != 1):
+        return False
+    try:
+        return torch.broadcast_shapes(p.shape, x.shape) == x.shape
+    except RuntimeError:
+        return False
+
+
+def _per_sample_sum_to(d: Tensor, shape: torch.Size) -> Tensor:
+    """[S, …] gradient of an output that ``shape`` was broadcast into (without a sample dim) →
+    per-sample gradients [S, *shape]: sums over the broadcast dims, sample by sample."""
+    full = (1,) * (d.dim() - len(shape)) + tuple(shape)
+    red = tuple(k for k in range(1, d.dim()) if full[k] == 1 and d.shape[k] != 1)
+    if red:
+        d = d.sum(red, keepdim=True)
+    return d.reshape(d.shape[0], *shape)
+
+
+def _rule_of(func: Any, args: Sequence[Any], kwargs: dict[str, Any], p: Tensor, s: int) -> tuple[str, Tensor, float] | None:
+    """(kind, X, sign) of a use of parameter ``p`` by ``func`` that has a per-sample rule, else
+    None (see :meth:`_HookRun.capture`)."""
+    kind = _FUNCTIONAL_RULES.get(func)
+    if kind is not None:
+        bound = _bind(func, args, kwargs)
+        x = bound.get("input")
+        if bound.get("weight") is not p or not isinstance(x, Tensor) or isinstance(x, nn.Parameter):
+            return None
+        if kind == "linear" and isinstance(bound.get("bias"), nn.Parameter):
+            return None
+        if kind == "embedding" and (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq")):
+            return None
+        if x.dim() < (1 if kind == "embedding" else 2) or x.shape[0] != s:
+            return None
+        return kind, x, 1.0
+    name = getattr(func, "__name__", "")
+    if name == "__get__" or len(args) < 1:
+        return None
+    if name in _ELEMENTWISE and len(args) == 2 and not kwargs:
+        a, b = args
+        kind, sign_first, sign_second = _ELEMENTWISE[name]
+        if a is p and isinstance(b, Tensor) and b is not p:
+            x, sign = b, sign_first
+        elif b is p and isinstance(a, Tensor) and a is not p:
+            x, sign = a, sign_second
+        else:
+            return None
+        if isinstance(x, nn.Parameter) or x.dim() == 0 or x.shape[0] != s or not _broadcasts_over_samples(p, x):
+            return None
+        return kind, x, sign
+    if name in _MATMUL and len(args) == 2 and not kwargs and args[1] is p and p.dim() == 2:
+        x = args[0]
+        if isinstance(x, Tensor) and not isinstance(x, nn.Parameter) and x.dim() >= 2 and x.shape[0] == s:
+            return "linear_t", x, 1.0
+        return None
+    if name == "expand" and args[0] is p and p.dim() >= 1:
+        shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
+        if not kwargs and len(shape) >= 1 and shape[0] == s and (len(shape) > p.dim() or p.shape[0] == 1):
+            return "expand", p, 1.0
+    return None
 
 
 def _conv_rows_family(positions: int) -> str:
@@ -269,6 +347,9 @@ def _layer_kind(m: nn.Module, attr: str, in_mha: bool) -> tuple[str | None, str]
     t = type(m)
     if isinstance(m, nn.Linear) and t.forward is nn.Linear.forward:
         return "linear", ""
+    st = structure_of(m)
+    if st is not None and st.linear is not None:  # declared affine layer (HF Conv1D: W [in, out])
+        return ("linear" if st.linear == "out_in" else "linear_t"), ""
     if isinstance(m, nn.Conv2d) and t.forward is nn.Conv2d.forward:
         if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid":
             return None, "Conv2d with groups>1, non-zero padding mode or 'same' padding"
@@ -490,6 +571,7 @@ class _Call:
     x: Tensor
     rows: tuple[Any, ...] | None
     grads: dict[int, Tensor] = field(default_factory=dict)
+    sign: float = 1.0  # of the parameter's term (``X - P``: −1)
 
 
 class _HookRun:
@@ -523,19 +605,25 @@ class _HookRun:
         self.deferred: dict[tuple[int, ...], list[Tensor]] = {}
         self.pass_index = 0
         self.leaf: Tensor | None = None
-        self.expert_of: dict[int, tuple[SwitchFFN, int]] = {}
-        self.router_of: dict[int, SwitchFFN] = {}
+        self.expert_of: dict[int, tuple[nn.Module, int]] = {}  # id(expert submodule) → (MoE layer, e)
+        self.router_of: dict[int, nn.Module] = {}
         self.ctx: dict[int, dict[str, Any]] = {}
         self.active: dict[int, int] = defaultdict(int)  # id(module) → forwards running (UseTracker)
         self.holders: list[nn.Module] = []  # stand-ins for functional uses (see capture)
         self.input_ptrs: set[int] = set()  # storages of the user's input tensors
         self.packed: Tensor | None = None  # sample of each output_mask position (packed outputs)
+        self.moe: dict[int, Any] = {}  # id(MoE layer) → its declared Structure
         for m in model.modules():
-            if isinstance(m, SwitchFFN):
-                self.router_of[id(m.router)] = m
-                for e, ex in enumerate(m.experts):
-                    for c in ex.modules():
-                        self.expert_of[id(c)] = (m, e)
+            st = structure_of(m)
+            if st is None or st.experts is None or st.dispatch is None:
+                continue
+            self.moe[id(m)] = st
+            router = st.router(m) if st.router is not None else None
+            if router is not None:
+                self.router_of[id(router)] = m
+            for e, ex in enumerate(st.experts(m)):
+                for c in ex.modules():
+                    self.expert_of[id(c)] = (m, e)
 
     # -- hooks
     def register(self) -> list[Any]:
@@ -545,7 +633,7 @@ class _HookRun:
             handles.append(m.register_forward_hook(self._forward_hook(kind, name)))
         needed = {id(ffn) for ffn, _ in self.expert_of.values()}
         for m in self.model.modules():
-            if isinstance(m, SwitchFFN) and id(m) in needed:
+            if id(m) in needed:
                 handles.append(m.register_forward_pre_hook(self._ffn_pre))
                 handles.append(m.register_forward_hook(self._ffn_post))
         return handles
@@ -558,8 +646,8 @@ class _HookRun:
 
     def _ffn_post(self, m: nn.Module, args: Any, out: Any) -> None:
         ctx = self.ctx[id(m)]
-        ctx["dispatch"] = list(m.last_dispatch)  # type: ignore[attr-defined]
-        ctx["T"] = m.last_shape[1]  # type: ignore[attr-defined]
+        dispatch, t = self.moe[id(m)].dispatch(m)
+        ctx["dispatch"], ctx["T"] = list(dispatch), int(t)
 
     def _forward_hook(self, kind: str, name: str) -> Callable[..., Any]:
         def hook(m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
@@ -568,14 +656,14 @@ class _HookRun:
                 return self._refuse(m, f"{name}: non-tensor input/output")
             x = args[0]
             rows: tuple[Any, ...] | None = None
-            if id(m) in self.expert_of and kind == "linear":
+            if id(m) in self.expert_of and kind in ("linear", "linear_t"):
                 ffn, e = self.expert_of[id(m)]
                 rows = ("expert", self.ctx[id(ffn)], e)
-            elif id(m) in self.router_of and kind == "linear" and x.dim() == 2 and x.shape[0] % self.s == 0:
+            elif id(m) in self.router_of and kind in ("linear", "linear_t") and x.dim() == 2 and x.shape[0] % self.s == 0:
                 rows = ("flat",)
             elif (
                 self.packed is not None and x.dim() >= 2 and x.shape[0] == self.packed.numel() != self.s
-                and kind in ("linear", "layernorm")
+                and kind in ("linear", "linear_t", "layernorm")
             ):  # after a gather of the output positions (packed logits): rows → their samples
                 rows = ("packed", self.packed)
             elif x.dim() < (1 if kind == "embedding" else 2) or x.shape[0] != self.s or id(m) in self.expert_of:
@@ -600,40 +688,40 @@ class _HookRun:
         return hook
 
     def capture(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], pname: str) -> Tensor | None:
-        """Per-op rules for a covered parameter used outside its module (a :class:`UseTracker`
-        ``capture``): ``F.linear(x, W[, b])`` with W the parameter (b None or uncovered) and
-        ``F.embedding(ids, W)`` (no max_norm / scale_grad_by_freq), x / ids with sample dim 0.
-        The use becomes one more call of the parameter (tied weights: every use contributes).
-        Returns the op's output, or None when no rule applies (the parameter then falls back)."""
-        kind = _FUNCTIONAL_RULES.get(func)
-        if kind is None:
+        """Per-op rules for a covered parameter P used outside a module with a rule (a
+        :class:`UseTracker` ``capture``); X below has sample dim 0 of size S:
+
+        * ``F.linear(X, P[, b])`` (b None or not a parameter), ``X @ P`` / ``torch.matmul(X, P)``
+          with P 2-D (``y = X P``), ``F.embedding(ids, P)`` (no max_norm / scale_grad_by_freq);
+        * element-wise shift and scale by P broadcast over the samples: ``X + P``, ``P + X``,
+          ``X - P``, ``P - X``, ``X * P``, ``P * X`` (operators, ``torch.add`` / ``sub`` / ``mul``
+          and the Tensor methods, without ``alpha``) — position embeddings, class tokens added,
+          LayerScale, RMSNorm weights;
+        * ``P.expand(S, …)`` — a class token broadcast over the samples.
+
+        The use becomes one more call of the parameter (a parameter used k times contributes all k
+        uses). Returns the op's output, or None when no rule applies (the parameter then falls
+        back to torch.func, named with the op)."""
+        p = self.params[pname]
+        rule = _rule_of(func, args, kwargs, p, self.s)
+        if rule is None:
             return None
-        names = ("input", "weight", "bias") if kind == "linear" else (
-            "input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-        bound = dict(zip(names, args)) | kwargs
-        x, p = bound.get("input"), self.params[pname]
-        if bound.get("weight") is not p or not isinstance(x, Tensor) or isinstance(x, nn.Parameter):
-            return None
-        if kind == "linear" and isinstance(bound.get("bias"), nn.Parameter):
-            return None
-        if kind == "embedding" and (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq")):
-            return None
-        if x.dim() < (1 if kind == "embedding" else 2) or x.shape[0] != self.s:
-            return None
+        kind, x, sign = rule
         if x.dim() == 1 and x.untyped_storage().data_ptr() not in self.input_ptrs:
-            return None
+            return None  # 1-D ids of length S made inside forward: dim 0 may not be samples
         holder = nn.Module()  # stands for the op: holds the parameter as ``weight``
         holder.weight = p
         if kind == "embedding":
-            pad = bound.get("padding_idx")
+            pad = _bind(func, args, kwargs).get("padding_idx")
             holder.padding_idx = None if pad is None else int(pad) % p.shape[0]
         self.holders.append(holder)
         self.module_params[id(holder)].append(("weight", pname))
         self.fired.add(pname)
-        out = func(*args, **kwargs)
+        out = func(*args, **kwargs)  # every rule's output has sample dim 0 of size S
         if not torch.is_grad_enabled():
             return out
-        call = _Call(holder, kind, x.detach(), None)
+        keep = x.detach() if kind in ("linear", "linear_t", "embedding", "scale") else x.new_empty(0)
+        call = _Call(holder, kind, keep, None, sign=sign)
         self.calls[pname].append(call)
         if not out.requires_grad:
             if self.leaf is None:
@@ -675,7 +763,7 @@ class _HookRun:
         p = getattr(m, attr)
         if call.rows is not None and call.rows[0] == "packed":  # [n, …] → zero-padded [S, Lmax, …]
             x, g = _pad_rows(x, g, call.rows[1], s)
-        if call.kind == "linear":
+        if call.kind in ("linear", "linear_t"):
             a, d = x.to(acc), g.to(acc)
             if call.rows is not None and call.rows[0] == "expert":
                 ctx, e = call.rows[1], call.rows[2]
@@ -683,7 +771,9 @@ class _HookRun:
             else:
                 a, d = a.reshape(s, -1, a.shape[-1]), d.reshape(s, -1, d.shape[-1])
             if attr == "weight":
-                return _LinearForm(a, d, p.shape)
+                # W [in, out] (y = x W): the rows of its gradient Σ_l a_l δ_lᵀ are indexed by the
+                # inputs, so the same form with the roles of a and δ swapped
+                return _LinearForm(a, d, p.shape) if call.kind == "linear" else _LinearForm(d, a, p.shape)
             return _Direct(d.sum(1))
         if call.kind == "conv2d":
             d4 = g.to(acc)
@@ -692,6 +782,9 @@ class _HookRun:
             return _Direct(d4.sum((2, 3)))
         if call.kind == "embedding":
             return _EmbeddingForm(x, g.to(acc), m.padding_idx)  # type: ignore[arg-type]
+        if call.kind in ("shift", "scale", "expand"):  # P broadcast over the samples
+            d = g.to(acc) if call.kind != "scale" else g.to(acc) * x.to(acc)
+            return _Direct(_per_sample_sum_to(d, p.shape) * call.sign)
         if call.kind == "layernorm":
             ns = tuple(m.normalized_shape)  # type: ignore[attr-defined]
             d = g.to(acc).reshape(s, -1, *ns)
@@ -1036,14 +1129,17 @@ def modular_ntk(
     owners = _owners(model)
     fallback: dict[str, str] = {}
     hook_params: dict[str, list[_Owner]] = {}
+    no_rule: dict[str, str] = {}  # parameter → an owner without a layer rule, and why
     if strat is not Strategy.FUNCTORCH:
+        # capture by use: a parameter's owners with a layer rule are hooked; every other use of
+        # it (in the forward of an owner without a rule, or anywhere else) is seen by the
+        # UseTracker and either taken by a per-op rule or sent to torch.func, naming the op
         for n in names:
             os_ = owners[id(params[n])]
+            hook_params[n] = [o for o in os_ if o.kind is not None]
             bad = [o for o in os_ if o.kind is None]
             if bad:
-                fallback[n] = f"{bad[0].name}: {bad[0].reason}"
-            else:
-                hook_params[n] = os_
+                no_rule[n] = f"{bad[0].name}: {bad[0].reason}"
     else:
         fallback = {n: "strategy=functorch" for n in names}
 
@@ -1070,11 +1166,12 @@ def modular_ntk(
                 if output_mask is not None:
                     run.packed = _mask_samples(output_mask)
                 handles = run.register()
-                watch = watch_map(params, {p: [(o.module, o.name) for o in os_] for p, os_ in hook_params.items()})
+                watch = watch_map(params, {p: [(o.module, o.name) for o in os_] for p, os_ in hook_params.items()},
+                                  labels={p: [o.name for o in owners[id(params[p])]] for p in hook_params})
                 with UseTracker(watch, run.active, run.capture) as tracker:
                     z = _logits_of(model(*args, **kwargs))
                 for pname, why in tracker.found.items():
-                    run.fallback.setdefault(pname, why)
+                    run.fallback.setdefault(pname, f"{why} ({no_rule[pname]})" if pname in no_rule else why)
                 _check_packed(run, z, output_mask)
                 y = _per_sample(z, output, output_mask)
                 n_out = 1 if y.dim() == 1 else y.shape[1]
@@ -1085,8 +1182,11 @@ def modular_ntk(
                     h.remove()
                 handles = []
                 for pname in hook_params:
-                    if pname not in run.fallback and pname not in run.fired:
-                        run.fallback[pname] = f"{hook_params[pname][0].name}: forward never ran (parameter used outside its module?)"
+                    # no use seen at all: a zero Gram — unless the self-check is off, then
+                    # torch.func confirms it (a use the tracker cannot see would be missed)
+                    if pname not in run.fallback and pname not in run.fired and not self_check:
+                        owner = (hook_params[pname] or owners[id(params[pname])])[0].name
+                        run.fallback[pname] = f"{owner}: no use of {pname} seen in the forward (self_check=False)"
                 if run.leaf is not None and y.requires_grad:
                     ys = y.reshape(s, -1)
                     for j in range(n_out):
