@@ -103,6 +103,20 @@ MAT_FIELDS = {
     "interval": st.integers(1, 2),
     "protect": st.booleans(),
     "seed": SEED,
+    "threshold_scope": st.sampled_from(["global", "layer"]),
+    "probes": st.sampled_from(["fresh", "fixed"]),
+}
+_HEADS = ["blocks.0.attn.head0", "blocks.0.attn.head1", "blocks.1.attn.head0", "blocks.1.attn.head1"]
+# rand_replay needs MAT's decisions (harness.compare hands them over); drawn here, always present
+REQUIRED = {
+    "rand_replay": {
+        "schedule": st.lists(
+            st.fixed_dictionaries(
+                {"epoch": st.integers(0, 3), "active": st.lists(st.sampled_from(_HEADS), unique=True)}
+            ),
+            max_size=3,
+        )
+    }
 }
 VALID = {
     "vanilla": {},
@@ -113,6 +127,7 @@ VALID = {
         "prune_fraction": st.floats(0.0, 0.99),
         "prune_kind": st.sampled_from(KINDS),
     },
+    "rand_replay": {"source": st.sampled_from(["mat", "mat2"]), "seed": SEED},
     "rand": {
         "fraction": st.floats(0.0, 1.0, exclude_min=True),
         "kinds": KIND_LIST,
@@ -183,7 +198,7 @@ def test_every_registered_method_has_a_valid_config_strategy():
 @st.composite
 def _valid(draw):
     name = draw(st.sampled_from(sorted(VALID)))
-    return name, draw(st.fixed_dictionaries({}, optional=VALID[name]))
+    return name, draw(st.fixed_dictionaries(REQUIRED.get(name, {}), optional=VALID[name]))
 
 
 def _bound(name: str, cfg):

@@ -27,6 +27,14 @@ KW = {
     "plreg": {"ratio": 0.5, "t": 1, "num_samples": 3, "gate_steps": 1, "gate_batch": 2, "surgery": False,
               "track_every": 0},
     "ntt": {"steps": 1},  # acts only at_init (tests/methods/test_ntt.py); here: hooks are no-ops
+    # MAT's decisions as harness.compare hands them over (tests/harness/test_loop_optim_controls.py)
+    "rand_replay": {
+        "schedule": [
+            {"epoch": 0, "active": attention_heads(tiny_bert()).names[::2]},
+            {"epoch": 1, "active": attention_heads(tiny_bert()).names[:1]},
+        ],
+        "seed": 1,
+    },
 }
 
 

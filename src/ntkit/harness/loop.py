@@ -4,7 +4,8 @@ One call of :func:`train_run` trains one (method, seed) on a :class:`~ntkit.harn
 
 1. ``torch.manual_seed(seed)`` → ``task.build_model()`` (identical initial weights for every
    method), ``task.partition(model)``, ``ntkit.sparse.attach`` (the controller whose partial
-   backward executes only active modules' weight-gradient work), ``SlicedAdamW`` and the method
+   backward executes only active modules' weight-gradient work), the sliced optimizer
+   (``SlicedAdamW`` or ``SlicedSGD``: ``LoopConfig.optimizer``) and the method
    (``build_method(entry.method, config)``) bound to (model, partition, controller).
 2. A fresh run calls ``method.at_init`` once (SNIP's mask, NTT's sparse init; label-free methods
    see no labels), then validates at step 0.
@@ -46,6 +47,7 @@ on the same samples) is counted once.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 import warnings
@@ -86,10 +88,19 @@ class LoopConfig:
         epochs: passes over the training set (≥ 1).
         batch_size: samples per step *per process* (≥ 1); under ``torchrun`` the global batch is
             ``batch_size × world_size``.
-        lr: peak learning rate of SlicedAdamW.
-        weight_decay, betas, eps: SlicedAdamW settings (decoupled weight decay).
+        optimizer: "adamw" (:class:`~ntkit.sparse.SlicedAdamW`, decoupled weight decay) or "sgd"
+            (:class:`~ntkit.sparse.SlicedSGD`: momentum, L2 weight decay added to the gradient —
+            the paper's VGG optimizer, seed 000 §B.1). Both touch only the active slices.
+        lr: peak learning rate.
+        weight_decay: AdamW's decoupled decay, or SGD's L2 coefficient.
+        betas, eps: AdamW settings (unused by SGD).
+        momentum: SGD momentum in [0, 1) (unused by AdamW; dampening 0, no Nesterov).
         schedule: "constant", "linear" (decay to 0 at the last step), "cosine" (to 0) or "step"
-            (×0.1 at 1/2 and 3/4 of training, the VGG recipe of seed 000 B.1).
+            (×``lr_gamma`` at each of ``lr_milestones``; defaults ×0.1 at 1/2 and 3/4 of
+            training, the VGG recipe of seed 000 §B.1).
+        lr_milestones: for "step", the fractions of training (after warm-up) in (0, 1), increasing,
+            at which the learning rate is multiplied by ``lr_gamma``.
+        lr_gamma: the step schedule's factor, in (0, 1].
         warmup_steps: linear warm-up steps (before the decay).
         steps_per_epoch: cap on steps per epoch (0 = the full training set).
         eval_every: validation every this many steps (0 = only at epoch ends).
@@ -104,11 +115,15 @@ class LoopConfig:
 
     epochs: int = 3
     batch_size: int = 16
+    optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
+    momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     schedule: str = "linear"
+    lr_milestones: tuple[float, ...] = (0.5, 0.75)
+    lr_gamma: float = 0.1
     warmup_steps: int = 0
     steps_per_epoch: int = 0
     eval_every: int = 0
@@ -134,6 +149,13 @@ class LoopConfig:
         check(len(self.betas) == 2 and all(is_num(b) and 0 <= b < 1 for b in self.betas), "betas", self.betas,
               "two numbers in [0, 1)")
         check(is_num(self.eps) and self.eps >= 0, "eps", self.eps, "a number >= 0")
+        check(self.optimizer in ("adamw", "sgd"), "optimizer", self.optimizer, "'adamw' or 'sgd'")
+        check(is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "a number in [0, 1)")
+        ms = tuple(self.lr_milestones) if isinstance(self.lr_milestones, (tuple, list)) else None
+        check(ms is not None and all(is_num(x) and 0 < x < 1 for x in ms)
+              and all(a < b for a, b in itertools.pairwise(ms)), "lr_milestones", self.lr_milestones,
+              "increasing fractions of training in (0, 1)")
+        check(is_num(self.lr_gamma) and 0 < self.lr_gamma <= 1, "lr_gamma", self.lr_gamma, "a number in (0, 1]")
         check(self.schedule in ("constant", "linear", "cosine", "step"), "schedule", self.schedule,
               "one of constant, linear, cosine, step")
         for name in ("warmup_steps", "steps_per_epoch", "eval_every", "checkpoint_every"):
@@ -148,8 +170,16 @@ class LoopConfig:
               "an integer >= 1")
 
 
-def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
-    """Multiplier of the peak learning rate at 0-based ``step`` of ``total`` steps."""
+def lr_factor(
+    schedule: str,
+    step: int,
+    total: int,
+    warmup: int,
+    milestones: Sequence[float] = (0.5, 0.75),
+    gamma: float = 0.1,
+) -> float:
+    """Multiplier of the peak learning rate at 0-based ``step`` of ``total`` steps (``milestones``
+    / ``gamma``: the "step" schedule's, fractions of the steps after warm-up)."""
     if warmup and step < warmup:
         return (step + 1) / warmup
     span = max(total - warmup, 1)
@@ -159,7 +189,7 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * t))
     if schedule == "step":
-        return 0.01 if t >= 0.75 else 0.1 if t >= 0.5 else 1.0
+        return gamma ** sum(1 for m in milestones if t >= m)
     return 1.0
 
 
@@ -203,7 +233,9 @@ class _RunState:
         self.bwd_flops = 0
         self.cache: dict[tuple, tuple[int, int]] = {}
         self.curve: list[dict[str, float]] = []
-        self.active_hist: list[list[bool]] = []
+        self.active_hist: list[list[float]] = []  # per epoch, per module: share of the epoch's steps active
+        self.active_sum: list[float] = []  # per module, active steps so far in this epoch
+        self.active_n = 0
         self.pruned_hist: list[list[bool]] = []
         self.active_frac_steps: list[float] = []
         self.epoch_train_acc: list[float | None] = []
@@ -223,7 +255,8 @@ class _RunState:
         best = dict(self.best)
         return {
             **{k: getattr(self, k) for k in (
-                "step", "fwd_flops", "bwd_flops", "curve", "active_hist", "pruned_hist", "active_frac_steps",
+                "step", "fwd_flops", "bwd_flops", "curve", "active_hist", "active_sum", "active_n", "pruned_hist",
+                "active_frac_steps",
                 "epoch_train_acc", "epoch_flops", "correct", "counted", "nonfinite", "nonfinite_steps",
                 "log_records", "structure", "wall_s", "ctl_sets")},
             "cache": [[list(_listify(k)), list(v)] for k, v in self.cache.items()],
@@ -326,7 +359,7 @@ def train_run(
     """
     from ntkit.methods import build_method
     from ntkit.methods.base import LoopContext
-    from ntkit.sparse import SlicedAdamW, attach
+    from ntkit.sparse import SlicedAdamW, SlicedSGD, attach
     from ntkit.train.checkpoint import CheckpointManager
     from ntkit.train.sampler import SeededBatchSampler
 
@@ -347,6 +380,8 @@ def train_run(
     ctl = attach(model, partition)
 
     def make_opt() -> Any:
+        if cfg.optimizer == "sgd":
+            return SlicedSGD(model, ctl, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         return SlicedAdamW(model, ctl, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
     opt = make_opt()
@@ -455,7 +490,8 @@ def train_run(
             st.correct = st.counted = 0
             method.on_epoch_start(ctx)
         order = sampler.order(epoch)
-        _set_lr(opt, cfg.lr * lr_factor(cfg.schedule, st.step, total_steps, cfg.warmup_steps))
+        _set_lr(opt, cfg.lr * lr_factor(cfg.schedule, st.step, total_steps, cfg.warmup_steps,
+                                        cfg.lr_milestones, cfg.lr_gamma))
         batch = task.train_batch(order[i * gb : (i + 1) * gb], st.mask_gen)
         if world > 1:
             batch = task.shard(batch, rank, world)
@@ -505,6 +541,11 @@ def train_run(
                     f"{cfg.max_nonfinite}) at step {st.step}; last good checkpoint: {last or 'none'}"
                 )
         st.active_frac_steps.append(float(ctl.active.float().mean()))
+        act = ctl.active.tolist()
+        if len(st.active_sum) != len(act):  # first step of an epoch, or a structure change
+            st.active_sum, st.active_n = [0.0] * len(act), 0
+        st.active_sum = [s + a for s, a in zip(st.active_sum, act)]
+        st.active_n += 1
         st.step += 1
         if bar is not None:
             bar.update(1)
@@ -513,7 +554,8 @@ def train_run(
             model.eval()  # the mNTK engine needs sample-independent (eval-mode) forward passes
             method.on_epoch_end(ctx)
             model.train()
-            st.active_hist.append([bool(a) for a in ctl.active.tolist()])
+            st.active_hist.append([a / max(st.active_n, 1) for a in st.active_sum])
+            st.active_sum, st.active_n = [], 0
             st.pruned_hist.append([bool(a) for a in ctl.pruned.tolist()])
             st.epoch_train_acc.append(_global_ratio(st.correct, st.counted))
             f, b, o = flops_now()
@@ -665,7 +707,9 @@ def compare(
     initial weights per seed), then :func:`finalize` the cross-method fields. Returns the records.
 
     Checkpoints, resume and the metrics log come from the active :func:`ntkit.harness.run_context`
-    (set by ``ntkit run``); without one, nothing is written. A finished (method, seed) leaves its
+    (set by ``ntkit run``); without one, nothing is written. Methods are trained in the given
+    order per seed; a method that replays another run (``rand_replay``) is configured from the
+    finished record of its ``source`` of the same seed (:func:`_from_source`). A finished (method, seed) leaves its
     record in ``<checkpoints>/[<scope>/]<label>_seed<s>/record.json``; a resumed comparison loads
     those instead of training again (``scope`` keeps several comparisons of one run apart).
     """
@@ -674,7 +718,9 @@ def compare(
     run = current_run()
     records = []
     for seed in seeds:
+        done_now: dict[str, dict] = {}
         for label, entry in methods.items():
+            entry = _from_source(label, entry, done_now)
             root = None if run is None or run.checkpoint_dir is None else run.checkpoint_dir / scope
             ck = None if root is None else root / f"{label}_seed{seed}"
             done = None if ck is None else ck / "record.json"
@@ -687,5 +733,21 @@ def compare(
                 if done is not None and dist.is_main():
                     run.save_record(done, rec)  # type: ignore[union-attr]
             records.append(rec)
+            done_now[label] = rec
     finalize(records, cfg.budget_fracs, baseline)
     return records
+
+
+def _from_source(label: str, entry: MethodEntry, done: Mapping[str, dict]) -> MethodEntry:
+    """The entry of a method whose class derives its config from another run of the same seed
+    (a ``configure_from_source(config, record)`` hook and a ``source`` label in its config, e.g.
+    ``rand_replay`` replaying MAT's per-layer counts); other entries unchanged. The source must
+    come earlier in the comparison's order."""
+    from ntkit.methods import method_info
+
+    hook = getattr(method_info(entry.method).factory, "configure_from_source", None)
+    if hook is None:
+        return entry
+    src = entry.config.source
+    check(src in done, f"methods.{label}.source", src, f"a label trained before {label!r} ({sorted(done)})")
+    return MethodEntry(entry.method, hook(entry.config, done[src]))

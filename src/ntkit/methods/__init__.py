@@ -33,7 +33,7 @@ from ntkit.methods.multirate import Multirate, MultirateConfig
 from ntkit.methods.ntt import NTT, NTTConfig
 from ntkit.methods.plreg import PLReg, PLRegConfig
 from ntkit.methods.policies import modular_policy, protect, prune_lowest, temporal_policy
-from ntkit.methods.random_modules import Rand, RandConfig
+from ntkit.methods.random_modules import Rand, RandConfig, RandReplay, RandReplayConfig
 from ntkit.methods.scores import ntk_lambda_max, snip_scores
 from ntkit.methods.snip_struct import SnipStruct, SnipStructConfig
 from ntkit.methods.structured_prune import StructuredPrune, StructuredPruneConfig
@@ -57,6 +57,8 @@ __all__ = [
     "PLRegConfig",
     "Rand",
     "RandConfig",
+    "RandReplay",
+    "RandReplayConfig",
     "SnipStruct",
     "SnipStructConfig",
     "StructuredPrune",

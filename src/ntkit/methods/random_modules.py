@@ -6,10 +6,14 @@ active (per kind over the whole network, or per (kind, layer) with ``per_layer``
 reading, "50% filters … in each layer"), then the protecting strategy switches on one random
 module in any layer left with none. The draw uses the method's own seeded generator, saved in
 ``state_dict``. Modules of kinds not selected by ``kinds`` are always active.
+
+:class:`RandReplay` (``rand_replay``) is the control for MAT: random modules with MAT's exact
+per-layer active counts, at MAT's decision epochs, from MAT's decision log of the same seed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +35,7 @@ from ntkit.methods.base import LoopContext, TrainingMethod, make_config, registe
 from ntkit.methods.policies import protect, random_subset
 from ntkit.partition import Partition
 
-__all__ = ["Rand", "RandConfig"]
+__all__ = ["Rand", "RandConfig", "RandReplay", "RandReplayConfig"]
 
 
 @dataclass
@@ -112,6 +116,137 @@ class Rand(TrainingMethod):
         }
         self.history.append(rec)
         ctx.log(rec)
+
+    def state_dict(self) -> dict:
+        st: dict[str, Any] = {**super().state_dict(), "generator": generator_state(self.generator)}
+        if self.active is not None:
+            st["active"] = bool_list(self.active)
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        set_generator_state(self.generator, state["generator"])
+        if "active" in state:
+            self.active = torch.tensor(state["active"], dtype=torch.bool)
+            apply_active(self.controller, self.active)
+
+
+@dataclass
+class RandReplayConfig:
+    """Settings of the replayed random control (``rand_replay``).
+
+    Attributes:
+        source: label of the comparison run whose decisions are replayed (same seed), default
+            "mat"; it must come before this method in the comparison's order.
+        schedule: the source's decisions, ``[{"epoch": e, "active": [module, …]}, …]`` (one per
+            MAT evaluation, in order). Filled in by :func:`ntkit.harness.compare` from the source
+            run's ``method_history`` (:meth:`RandReplay.configure_from_source`); None = not yet.
+        seed: seed of the random choice, an integer in [0, 2**64 − 1].
+    """
+
+    source: str = "mat"
+    schedule: list[dict] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.source, str) and self.source != "", "source", self.source, "a method label")
+        ok = self.schedule is None or (
+            isinstance(self.schedule, list)
+            and all(
+                isinstance(d, Mapping)
+                and isinstance(d.get("epoch"), int)
+                and isinstance(d.get("active"), list)
+                and all(isinstance(n, str) for n in d["active"])
+                for d in self.schedule
+            )
+        )
+        check(ok, "schedule", self.schedule, 'None or a list of {"epoch": int, "active": [module name, ...]}')
+        check_seed(self.seed, "seed")
+
+
+@register_method("rand_replay", config=RandReplayConfig)
+class RandReplay(TrainingMethod):
+    """Random control with MAT's exact per-layer active counts (issue 14's control).
+
+    MAT's saving could come from training fewer modules per layer rather than from choosing them
+    by λmax. This control keeps everything but the choice: at the end of the same epochs at which
+    the source run (MAT, same seed) decided, it activates, in every (kind, layer), exactly as many
+    modules as MAT's decision had active there, drawn uniformly at random among the unpruned ones
+    (so the active counts per step, hence the backward FLOPs, match MAT's). Before the first
+    decision every module is active, as in MAT; the set is held until the next decision.
+
+    How it gets MAT's counts: :func:`ntkit.harness.compare` trains the comparison's methods in
+    order per seed; for a method whose class has ``configure_from_source`` it takes the finished
+    record of the ``source`` label of the same seed and builds the config from it (here: the
+    ``"mat"`` events of its ``method_history``, each ``{"epoch", "active"}``). The schedule is part
+    of the resolved config, so it is written into the run record and survives a resume. Without a
+    schedule (used outside ``compare``), :meth:`bind` raises a one-line ``ConfigError``.
+
+    ``history`` gets one record per draw: ``{"event": "rand_replay", "epoch", "active": [module, …]}``.
+    """
+
+    name = "rand_replay"
+
+    def __init__(self, config: RandReplayConfig | Mapping[str, Any] | None = None, **kw: Any) -> None:
+        super().__init__()
+        self.config = make_config(RandReplayConfig, config, kw, self.name)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.active: Tensor | None = None
+
+    @staticmethod
+    def configure_from_source(config: RandReplayConfig, record: Mapping[str, Any]) -> RandReplayConfig:
+        """``config`` with ``schedule`` taken from the source run's record (its ``"mat"`` events)."""
+        events = [h for h in record.get("method_history", []) if h.get("event") == "mat"]
+        schedule = [{"epoch": int(h["epoch"]), "active": list(h["active"])} for h in events]
+        return dataclasses.replace(config, schedule=schedule)
+
+    def bind(self, model: nn.Module, partition: Partition, controller: Any) -> None:
+        super().bind(model, partition, controller)
+        check(
+            self.config.schedule is not None,
+            f"{self.name}.schedule",
+            None,
+            f"the decisions of the source run '{self.config.source}' (run it through harness.compare after it)",
+        )
+        names = set(partition.names)
+        unknown = sorted({n for d in self.config.schedule or [] for n in d["active"]} - names)
+        check(not unknown, f"{self.name}.schedule", unknown[:3], "module names of this partition")
+        if self.active is None:
+            self.active = ~controller_pruned(controller, len(partition))
+        apply_active(controller, self.active)
+
+    def draw(self, source_active: list[str]) -> Tensor:
+        """bool [M]: per (kind, layer), as many random unpruned modules as ``source_active`` has
+        there (capped at the unpruned count); consumes the generator."""
+        assert self.partition is not None, "bind() first"
+        part = self.partition
+        pruned = controller_pruned(self.controller, len(part))
+        want = torch.tensor([n in set(source_active) for n in part.names], dtype=torch.bool)
+        ids = kind_ids(part, per_layer=True)
+        out = torch.zeros(len(part), dtype=torch.bool)
+        for g in torch.unique(ids).tolist():
+            in_g = ids == g
+            k = int((want & in_g).sum())
+            idx = (in_g & ~pruned).nonzero(as_tuple=True)[0]
+            perm = torch.randperm(idx.numel(), generator=self.generator)
+            out[idx[perm[:k]]] = True
+        return out
+
+    def on_epoch_end(self, ctx: LoopContext) -> None:
+        assert self.partition is not None, "bind() first"
+        for d in self.config.schedule or []:
+            if d["epoch"] != ctx.epoch:
+                continue
+            self.active = self.draw(d["active"])
+            apply_active(self.controller, self.active)
+            names = self.partition.names
+            rec = {
+                "event": "rand_replay",
+                "epoch": int(ctx.epoch),
+                "active": [names[i] for i in self.active.nonzero(as_tuple=True)[0].tolist()],
+            }
+            self.history.append(rec)
+            ctx.log(rec)
 
     def state_dict(self) -> dict:
         st: dict[str, Any] = {**super().state_dict(), "generator": generator_state(self.generator)}
