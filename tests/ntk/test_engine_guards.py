@@ -215,10 +215,48 @@ def test_op_names_and_tracker_scope() -> None:
     lin = nn.Linear(2, 2)
     w = lin.weight
     active: dict[int, int] = {}
-    with UseTracker({id(w): ("lin.weight", frozenset({id(lin)}), "lin")}, active) as tr:
+    with UseTracker({id(w): ("lin.weight", frozenset({id(lin)}), "lin", w)}, active) as tr:
         _ = w.shape, w.dtype, w.size(0)
         active[id(lin)] = 1
         _ = torch.cat([w, w])  # inside lin's forward: accounted
         active[id(lin)] = 0
         _ = torch.stack([w.detach()])  # w.detach() is the use
     assert tr.found == {"lin.weight": "lin.weight: used by Tensor.detach outside lin"}
+
+
+class SharedPositions(nn.Module):
+    """Position ids [1, T] shared by all samples (HF BERT / GPT-2 style): the lookup is broadcast
+    into the token embeddings, by ``+``, ``.to()`` (a no-op) and, in ``twice``, also ``-``; in
+    ``misuse`` it also goes through an op without a rule."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.tok, self.pos = nn.Embedding(9, 6), nn.Embedding(5, 6, padding_idx=4)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        e = self.pos(torch.arange(ids.shape[1]).unsqueeze(0))
+        h = self.tok(ids) + e.to(self.tok.weight.dtype)
+        if self.how == "twice":
+            h = torch.tanh(h) - e
+        if self.how == "misuse":
+            h = h + torch.sigmoid(e)
+        return self.out(torch.tanh(h))
+
+
+@pytest.mark.parametrize("how", ["once", "twice", "misuse"])
+def test_shared_position_lookup_is_hooked_or_reported(how: str) -> None:
+    torch.manual_seed(0)
+    model = SharedPositions(how).double().eval()
+    x = torch.randint(0, 9, (4, 5), generator=torch.Generator().manual_seed(1))
+    part = layers_partition(model)
+    for output in ("sum_logits", "logits"):
+        ref = modular_ntk(model, x, part, strategy="brute_force", output=output).grams
+        got = modular_ntk(model, x, part, output=output)
+        assert rel(got.grams, ref) <= 1e-10
+        if how == "misuse":
+            assert got.fallback_layers == ["pos.weight: used by torch.sigmoid outside pos"], got.fallback_layers
+        else:
+            assert got.strategy == "hooks" and got.fallback_layers == []
+            assert rel(modular_ntk(model, x, part, output=output, self_check=False).grams, ref) <= 1e-10

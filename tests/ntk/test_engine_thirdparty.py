@@ -65,9 +65,9 @@ def _hf(name: str) -> tuple[nn.Module, Tensor]:
 
 # partitions each model has, and the fallbacks the engine reports on them (everything else is hooked)
 CASES = {
-    "bert": {"heads": [], "layers": ["embeddings.position_embeddings"]},
+    "bert": {"heads": [], "layers": []},  # position ids [1, T] broadcast: hooked
     "roberta": {"heads": [], "layers": []},
-    "gpt2": {"heads": [], "layers": ["transformer.wpe"]},
+    "gpt2": {"heads": [], "layers": []},
     "vit": {"heads": [], "layers": []},
     "resnet": {"filters": [], "layers": []},
 }

@@ -56,6 +56,10 @@ def op_name(func: Callable[..., Any]) -> str:
     return f"{mod}.{name}" if mod else name
 
 
+# ops that return their input itself when nothing changes: then not a use
+_NO_OPS = frozenset({"to", "contiguous", "type_as", "cpu", "cuda", "float", "double"})
+
+
 def _is_meta(func: Callable[..., Any]) -> bool:
     name = getattr(func, "__name__", None)
     if name == "__get__":
@@ -67,12 +71,13 @@ class UseTracker(TorchFunctionMode):
     """Records uses of watched parameters outside the forward of a module that owns them.
 
     Args:
-        watch: ``{id(param): (param name, owner module ids, owner names)}``.
+        watch: ``{id(param): (param name, owner module ids, owner names, param)}``.
         active: ``{id(module): depth}`` — how many forwards of each module are running; the
             engine's forward pre-/post-hooks maintain it.
 
-        capture: optional per-op rule ``(func, args, kwargs, param name) → output or None``: a
-            use it returns an output for is accounted (the engine records it as one more use).
+        capture: optional per-op rule ``(func, args, kwargs, param name, tensor) → output or
+            None`` (tensor: the parameter or a watched tensor computed from it): a use it returns
+            an output for is accounted (the engine records it as one more use).
 
     After the ``with`` block, :attr:`found` maps each parameter name to
     ``"<param>: used by <op> outside <owner>"`` (its first unaccounted use).
@@ -80,9 +85,9 @@ class UseTracker(TorchFunctionMode):
 
     def __init__(
         self,
-        watch: Mapping[int, tuple[str, frozenset[int], str]],
+        watch: dict[int, tuple[str, frozenset[int], str, Tensor]],
         active: Mapping[int, int],
-        capture: Callable[[Any, Sequence[Any], dict[str, Any], str], Tensor | None] | None = None,
+        capture: Callable[[Any, Sequence[Any], dict[str, Any], str, Tensor], Tensor | None] | None = None,
     ) -> None:
         super().__init__()
         self.watch = watch
@@ -90,19 +95,24 @@ class UseTracker(TorchFunctionMode):
         self.capture = capture
         self.found: dict[str, str] = {}
 
-    def _unaccounted(self, t: Any, func: Callable[..., Any], out: list[str]) -> None:
+    def _unaccounted(self, t: Any, func: Callable[..., Any], out: list[tuple[str, Tensor]]) -> None:
         w = self.watch.get(id(t))
-        if w is None:
+        if w is None or w[3] is not t:
             return
         pname = w[0]
         if pname in self.found or any(self.active.get(o, 0) > 0 for o in w[1]) or _is_meta(func):
             return
-        out.append(pname)
+        out.append((pname, t))
+
+    def watch_tensor(self, t: Tensor, pname: str, label: str) -> None:
+        """Watch ``t`` (a tensor computed from parameter ``pname`` only, e.g. a position
+        embedding looked up once and broadcast over the samples) like the parameter itself."""
+        self.watch[id(t)] = (pname, frozenset(), label, t)
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         watch = self.watch
-        hits: list[str] = []
+        hits: list[tuple[str, Tensor]] = []
         for a in (*args, *kwargs.values()):
             if isinstance(a, Tensor):
                 if id(a) in watch:
@@ -112,13 +122,16 @@ class UseTracker(TorchFunctionMode):
                     if isinstance(b, Tensor) and id(b) in watch:
                         self._unaccounted(b, func, hits)
         if hits:
+            if getattr(func, "__name__", None) in _NO_OPS and args and args[0] is hits[0][1]:
+                out = func(*args, **kwargs)
+                if out is args[0]:  # ``.to()`` / ``.contiguous()`` that returned the tensor itself
+                    return out
             if len(hits) == 1 and self.capture is not None:  # a use a per-op rule can take
-                out = self.capture(func, args, kwargs, hits[0])
+                out = self.capture(func, args, kwargs, *hits[0])
                 if out is not None:
                     return out
-            for pname in hits:
-                owner_names = next(w[2] for w in watch.values() if w[0] == pname)
-                self.found.setdefault(pname, f"{pname}: used by {op_name(func)} outside {owner_names}")
+            for pname, t in hits:
+                self.found.setdefault(pname, f"{pname}: used by {op_name(func)} outside {watch[id(t)][2]}")
         return func(*args, **kwargs)
 
 
@@ -198,13 +211,13 @@ def watch_map(
     params: Mapping[str, nn.Parameter],
     owners: Mapping[str, Sequence[tuple[nn.Module, str]]],
     labels: Mapping[str, Sequence[str]] | None = None,
-) -> dict[int, tuple[str, frozenset[int], str]]:
-    """``{id(param): (name, owner module ids, owner names)}`` for :class:`UseTracker`; ``owners``
-    maps each watched parameter name to the (module, module name) pairs whose forward accounts
-    for its uses (possibly none), ``labels`` to the module names its messages name (default: those
-    owners')."""
+) -> dict[int, tuple[str, frozenset[int], str, Tensor]]:
+    """``{id(param): (name, owner module ids, owner names, param)}`` for :class:`UseTracker`;
+    ``owners`` maps each watched parameter name to the (module, module name) pairs whose forward
+    accounts for its uses (possibly none), ``labels`` to the module names its messages name
+    (default: those owners')."""
     out = {}
     for p, os_ in owners.items():
         names = labels[p] if labels is not None and p in labels else [n for _, n in os_]
-        out[id(params[p])] = (p, frozenset(id(m) for m, _ in os_), " / ".join(sorted(set(names))))
+        out[id(params[p])] = (p, frozenset(id(m) for m, _ in os_), " / ".join(sorted(set(names))), params[p])
     return out

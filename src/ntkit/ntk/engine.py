@@ -612,6 +612,8 @@ class _HookRun:
         self.holders: list[nn.Module] = []  # stand-ins for functional uses (see capture)
         self.input_ptrs: set[int] = set()  # storages of the user's input tensors
         self.packed: Tensor | None = None  # sample of each output_mask position (packed outputs)
+        self.tracker: UseTracker | None = None
+        self.bcast: dict[int, tuple[nn.Module, Tensor]] = {}  # id(lookup output) → (embedding, ids [1, …])
         self.moe: dict[int, Any] = {}  # id(MoE layer) → its declared Structure
         for m in model.modules():
             st = structure_of(m)
@@ -666,6 +668,15 @@ class _HookRun:
                 and kind in ("linear", "linear_t", "layernorm")
             ):  # after a gather of the output positions (packed logits): rows → their samples
                 rows = ("packed", self.packed)
+            elif (
+                kind == "embedding" and x.dim() >= 2 and x.shape[0] == 1 != self.s and self.tracker is not None
+                and id(m) not in self.expert_of
+            ):  # ids shared by all samples (position ids [1, T]): watch the lookup's broadcast uses
+                for _, pname in self.module_params[id(m)]:
+                    self.fired.add(pname)
+                    self.bcast[id(out)] = (m, x.detach())
+                    self.tracker.watch_tensor(out, pname, name)
+                return None
             elif x.dim() < (1 if kind == "embedding" else 2) or x.shape[0] != self.s or id(m) in self.expert_of:
                 return self._refuse(m, f"{name}: input {tuple(x.shape)} has no sample dim of size S={self.s}")
             elif x.dim() == 1 and x.untyped_storage().data_ptr() not in self.input_ptrs:
@@ -687,7 +698,7 @@ class _HookRun:
 
         return hook
 
-    def capture(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], pname: str) -> Tensor | None:
+    def capture(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], pname: str, t: Tensor) -> Tensor | None:
         """Per-op rules for a covered parameter P used outside a module with a rule (a
         :class:`UseTracker` ``capture``); X below has sample dim 0 of size S:
 
@@ -700,8 +711,12 @@ class _HookRun:
         * ``P.expand(S, …)`` — a class token broadcast over the samples.
 
         The use becomes one more call of the parameter (a parameter used k times contributes all k
-        uses). Returns the op's output, or None when no rule applies (the parameter then falls
-        back to torch.func, named with the op)."""
+        uses). A lookup of an embedding with ids [1, …] shared by all samples (position ids) is
+        watched as a tensor ``t`` in its own right: its shift into X [S, …] gives each sample's
+        gradient of the lookup. Returns the op's output, or None when no rule applies (the
+        parameter then falls back to torch.func, named with the op)."""
+        if id(t) in self.bcast:
+            return self._capture_bcast(func, args, kwargs, pname, t)
         p = self.params[pname]
         rule = _rule_of(func, args, kwargs, p, self.s)
         if rule is None:
@@ -722,6 +737,24 @@ class _HookRun:
             return out
         keep = x.detach() if kind in ("linear", "linear_t", "embedding", "scale") else x.new_empty(0)
         call = _Call(holder, kind, keep, None, sign=sign)
+        self.calls[pname].append(call)
+        if not out.requires_grad:
+            if self.leaf is None:
+                self.leaf = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+            out = out + self.leaf.to(out.dtype)
+        out.register_hook(lambda g, c=call: self._on_grad(c, g))
+        return out
+
+    def _capture_bcast(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], pname: str, t: Tensor) -> Tensor | None:
+        """``X ± E`` with E = embedding(ids [1, …]) broadcast over X's samples (see :meth:`capture`)."""
+        rule = _rule_of(func, args, kwargs, t, self.s)
+        if rule is None or rule[0] != "shift":
+            return None
+        m, ids = self.bcast[id(t)]
+        out = func(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return out
+        call = _Call(m, "embedding_bcast", ids, ("bcast", t.shape), sign=rule[2])
         self.calls[pname].append(call)
         if not out.requires_grad:
             if self.leaf is None:
@@ -782,6 +815,10 @@ class _HookRun:
             return _Direct(d4.sum((2, 3)))
         if call.kind == "embedding":
             return _EmbeddingForm(x, g.to(acc), m.padding_idx)  # type: ignore[arg-type]
+        if call.kind == "embedding_bcast":  # lookup E of ids [1, …] shifted into X [S, …]
+            d = _per_sample_sum_to(g.to(acc), call.rows[1]) * call.sign  # [S, 1, …, D]
+            d = d.reshape(s, *x.shape[1:], d.shape[-1])
+            return _EmbeddingForm(x.expand(s, *x.shape[1:]), d, m.padding_idx)  # type: ignore[arg-type]
         if call.kind in ("shift", "scale", "expand"):  # P broadcast over the samples
             d = g.to(acc) if call.kind != "scale" else g.to(acc) * x.to(acc)
             return _Direct(_per_sample_sum_to(d, p.shape) * call.sign)
@@ -1169,6 +1206,7 @@ def modular_ntk(
                 watch = watch_map(params, {p: [(o.module, o.name) for o in os_] for p, os_ in hook_params.items()},
                                   labels={p: [o.name for o in owners[id(params[p])]] for p in hook_params})
                 with UseTracker(watch, run.active, run.capture) as tracker:
+                    run.tracker = tracker
                     z = _logits_of(model(*args, **kwargs))
                 for pname, why in tracker.found.items():
                     run.fallback.setdefault(pname, f"{why} ({no_rule[pname]})" if pname in no_rule else why)
