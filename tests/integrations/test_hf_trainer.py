@@ -10,7 +10,7 @@ pytest.importorskip("accelerate")
 
 from transformers import BertConfig, BertForMaskedLM, Trainer, TrainerCallback, TrainingArguments
 
-from ntkit.errors import ConfigError
+from ntkit.errors import ConfigError, DataError
 from ntkit.integrations.hf import NtkitCallback
 from ntkit.methods import TrainingMethod
 from ntkit.train.flops import FlopCounter
@@ -117,3 +117,42 @@ class Penalised(TrainingMethod):
 def test_loss_term_methods_are_refused():
     with pytest.raises(ConfigError, match=r"method='penalised': adds a loss term"):
         NtkitCallback(tiny_bert(), Penalised())
+
+
+def _mat_trainer(out, epochs, logger=None):
+    model = tiny_bert()
+    ntk = NtkitCallback(model, "mat", alpha={"head": 0.5}, beta=0.0, start_epoch=1, interval=1, num_samples=8,
+                        logger=logger)
+    a = args(out, epochs=epochs)
+    a.save_strategy = "epoch"
+    trainer = Trainer(model=model, args=a, train_dataset=MLMData(), callbacks=[ntk],
+                      optimizers=(ntk.optimizer(lr=1e-2, weight_decay=0.1), None))
+    return trainer, ntk
+
+
+def test_resume_restores_the_method_state_from_the_trainer_checkpoint(tmp_path):
+    from ntkit.train.log import read_jsonl
+
+    trainer, ntk = _mat_trainer(tmp_path / "a", 3, logger=tmp_path / "m.jsonl")
+    trainer.train()
+    full = ntk.method.history
+    assert len(full) == 3 and len({tuple(h["active"]) for h in full}) > 1  # the set changed over time
+    assert (tmp_path / "a" / "checkpoint-4" / "ntkit_method.json").is_file()
+    logged = [r for r in read_jsonl(tmp_path / "m.jsonl") if r.get("event") == "mat"]
+    assert [r["active"] for r in logged] == [h["active"] for h in full] and logged[0]["step"] == 4
+
+    # a second process resumes from the end of epoch 0 (after the first decision) to the end
+    trainer, ntk = _mat_trainer(tmp_path / "a", 3)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    resumed = ntk.method.history
+    assert [h["active"] for h in resumed] == [h["active"] for h in full]
+    for r, f in zip(resumed, full):
+        assert r["lambda_max"] == pytest.approx(f["lambda_max"], rel=1e-5)
+    assert torch.equal(ntk.controller.active.cpu(), torch.tensor([g.name in full[-1]["active"] for g in
+                                                                 ntk.driver.partition]))
+
+    # a checkpoint without the method state is refused instead of silently restarting the method
+    (tmp_path / "a" / "checkpoint-8" / "ntkit_method.json").unlink()
+    trainer, ntk = _mat_trainer(tmp_path / "a", 3)
+    with pytest.raises(DataError, match=r"checkpoint-8 has no ntkit_method.json"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))

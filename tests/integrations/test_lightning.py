@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 L = pytest.importorskip("lightning.pytorch")
 
-from ntkit.errors import ConfigError
+from ntkit.errors import ConfigError, DataError
 from ntkit.integrations.lightning import NtkitLightningCallback
 from ntkit.models import build_model
 from ntkit.train.flops import FlopCounter
@@ -24,11 +24,11 @@ def data() -> torch.utils.data.DataLoader:
 
 
 class Module(L.LightningModule):
-    def __init__(self, own_optimizer: bool = True):
+    def __init__(self, own_optimizer: bool = True, alpha: float = 0.9):
         super().__init__()
         torch.manual_seed(0)
         self.model = build_model("vit_tiny", dim=DIM, heads=HEADS, depth=DEPTH)
-        self.ntk = NtkitLightningCallback(self.model, "mat", alpha={"head": 0.9}, beta=0.0, start_epoch=1,
+        self.ntk = NtkitLightningCallback(self.model, "mat", alpha={"head": alpha}, beta=0.0, start_epoch=1,
                                           interval=1, num_samples=16)
         self.own_optimizer = own_optimizer
         self.counter, self.per_step, self.snapshot = FlopCounter(), [], None
@@ -86,3 +86,29 @@ def test_lightning_other_optimizer_is_refused():
     module = Module(own_optimizer=False)
     with pytest.raises(ConfigError, match=r"optimizer=AdamW: expected the callback's optimizer"):
         trainer(module, epochs=1).fit(module, data())
+
+
+@pytest.mark.slow  # three Lightning fits, ~20 s on the shared cores
+def test_lightning_resume_restores_the_method_state(tmp_path):
+    def fit(ckpt_path=None):
+        module = Module(alpha=0.5)
+        save = L.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1, save_top_k=-1)
+        L.Trainer(max_epochs=3, callbacks=[module.ntk, save], accelerator="cpu", devices=1, logger=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(module, data(), ckpt_path=ckpt_path)
+        return module.ntk
+
+    full = fit().method.history
+    assert len(full) == 3  # decisions at the ends of epochs 0, 1, 2; a restart would hold 2
+    ckpt = tmp_path / "epoch=0-step=4.ckpt"  # saved after the first decision (end of epoch 0)
+    assert "ntkit_method" in torch.load(ckpt, weights_only=False)
+    ntk = fit(ckpt)
+    assert [h["active"] for h in ntk.method.history] == [h["active"] for h in full]
+    for r, f in zip(ntk.method.history, full):
+        assert r["lambda_max"] == pytest.approx(f["lambda_max"], rel=1e-5)
+    assert ntk.controller.active.tolist() == [g.name in full[-1]["active"] for g in ntk.driver.partition]
+
+    state = torch.load(ckpt, weights_only=False)  # a checkpoint written without the callback
+    del state["ntkit_method"]
+    torch.save(state, tmp_path / "bare.ckpt")
+    with pytest.raises(DataError, match=r"has no 'ntkit_method'"):
+        fit(tmp_path / "bare.ckpt")

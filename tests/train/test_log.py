@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ntkit.errors import ConfigError, DataError
-from ntkit.train.log import MetricsLogger, read_jsonl
+from ntkit.train.log import MetricsLogger, module_state_grid, read_jsonl
 
 
 def test_records_are_flushed_one_per_line(tmp_path: Path) -> None:
@@ -70,3 +70,56 @@ def test_tensorboard_events_written(tmp_path: Path) -> None:
     with MetricsLogger(tmp_path / "m.jsonl", tensorboard=True) as log:
         log.log({"loss": 1.0}, step=1)
     assert any((tmp_path / "tb").iterdir())
+
+
+def test_module_state_grid_layers_by_name_or_given() -> None:
+    names = ["b.0.h0", "b.0.h1", "b.1.h0", "b.1.h1", "b.1.h2"]
+    grid, layers = module_state_grid(names, active=["b.0.h1", "b.1.h0"], pruned=["b.1.h2"])
+    assert layers == ["b.0", "b.1"]
+    assert grid == [[0.5, 1.0], [1.0, 0.5], [0.0, 0.0]]  # b.0 has 2 modules: its 3rd cell is empty
+    grid, layers = module_state_grid(names, ["b.0.h0"], layers=["x", "y", "y", "y", "y"])
+    assert layers == ["x", "y"] and [r[1] for r in grid] == [0.5] * 4
+    with pytest.raises(ValueError, match="5 names but 1 layers"):
+        module_state_grid(names, [], layers=["x"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard not installed")
+def test_tensorboard_lambda_max_scalars_and_active_set_image(tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    names = [f"blocks.{i}.attn.head{j}" for i in range(3) for j in range(2)]
+    lmax = {n: 10.0 ** (k % 4) + 0.25 * k for k, n in enumerate(names)}
+    rec = {
+        "event": "mat",
+        "epoch": 1,
+        "lambda_max": lmax,
+        "threshold": {"head": 5.0},
+        "active": [names[1], names[2], names[5]],
+        "retired": [],
+    }
+    with MetricsLogger(tmp_path / "m.jsonl", tensorboard=True) as log:
+        log.log({"run": "mat", "seed": 0, "loss": 2.5}, step=3)
+        log.log({"run": "mat", "seed": 0, **rec}, step=7)
+        log.log({"run": "vanilla", "seed": 0, "loss": 3.0}, step=3)
+    acc = EventAccumulator(str(tmp_path / "tb" / "mat_seed0"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {f"lambda_max/{n}" for n in names} | {"loss", "threshold/head", "epoch"} <= set(tags["scalars"])
+    for n in names:
+        (ev,) = acc.Scalars(f"lambda_max/{n}")
+        assert ev.step == 7 and ev.value == pytest.approx(lmax[n], rel=1e-6)
+    assert [e.value for e in acc.Scalars("loss")] == [2.5]  # vanilla's loss went to its own run
+    assert tags["images"] == ["active_set"]
+    (im,) = acc.Images("active_set")
+    pix = np.asarray(Image.open(io.BytesIO(im.encoded_image_string)).convert("L"), dtype=float) / 255
+    k = pix.shape[0] // 2  # 2 heads per layer (rows) × 3 layers (columns), k×k pixels per cell
+    assert im.step == 7 and pix.shape == (2 * k, 3 * k) and k > 1
+    cells = pix[::k, ::k]
+    np.testing.assert_allclose(cells, [[0.5, 1.0, 0.5], [1.0, 0.5, 1.0]], atol=0.01)
+    vanilla = EventAccumulator(str(tmp_path / "tb" / "vanilla_seed0"))
+    vanilla.Reload()
+    assert [e.value for e in vanilla.Scalars("loss")] == [3.0]

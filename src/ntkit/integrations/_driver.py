@@ -13,8 +13,10 @@ Batches are dicts of tensors (Hugging Face style: ``input_ids``, ``attention_mas
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +26,10 @@ from ntkit.methods.base import LoopContext, TrainingMethod, build_method
 from ntkit.partition import Partition
 from ntkit.sparse import SlicedAdamW, SparseController, attach
 
-__all__ = ["MethodDriver", "MethodSlicedAdamW"]
+__all__ = ["FrameworkCallback", "MethodDriver", "MethodSlicedAdamW"]
+
+#: File name of the method state in a framework checkpoint directory (Hugging Face ``Trainer``).
+STATE_FILE = "ntkit_method.json"
 
 #: keys of a dict batch that are targets, not model inputs
 _LABEL_KEYS = ("labels", "label", "label_ids")
@@ -62,6 +67,9 @@ class MethodDriver:
             modules of Transformers, HF BERT included) — pass another builder's result for
             filters / experts / neurons.
         config: the method's config fields (with a method name), e.g. ``alpha={"head": 0.1}``.
+        logger: where the method's records also go: a :class:`~ntkit.train.MetricsLogger`, or a
+            ``.jsonl`` path for a new one (TensorBoard beside it when installed: per-module λmax
+            scalars, the active set as an image); None keeps them in ``records`` only.
 
     Attributes:
         partition, controller (:class:`~ntkit.sparse.SparseController`), method, ctx
@@ -77,14 +85,18 @@ class MethodDriver:
         model: nn.Module,
         method: str | TrainingMethod = "mat",
         partition: Partition | None = None,
+        logger: Any = None,
         **config: Any,
     ) -> None:
         from ntkit.partition import attention_heads
+        from ntkit.train.log import MetricsLogger
 
         check(isinstance(model, nn.Module), "model", type(model).__name__, "an nn.Module")
         if isinstance(method, TrainingMethod):
             if config:
-                raise ConfigError(f"config={sorted(config)}: pass fields only with a method name, not a built method")
+                raise ConfigError(
+                    f"config={sorted(config)}: pass fields only with a method name, not a built method"
+                )
             self.method = method
         else:
             check(isinstance(method, str), "method", method, "a registered method name or a TrainingMethod")
@@ -99,6 +111,12 @@ class MethodDriver:
         self.controller = attach(model, self.partition)
         self.method.bind(model, self.partition, self.controller)
         self.records: list[dict] = []
+        self._own_logger = isinstance(logger, (str, Path))
+        if self._own_logger:
+            logger = MetricsLogger(logger)
+        self.logger = logger
+        if isinstance(logger, MetricsLogger):
+            logger.set_modules(self.partition.names, self.partition.layers)
         self.dataset: Any = None
         self.collate: Callable[[list[Any]], Any] = _collate_default
         self.loss_fn: Callable[[nn.Module, Any], Tensor] | None = None
@@ -107,8 +125,24 @@ class MethodDriver:
             model=model,
             ntk_batch=self.ntk_batch,
             count_overhead=lambda: self.count_overhead() if self.count_overhead else contextlib.nullcontext(),
-            log=self.records.append,
+            log=self._log,
         )
+
+    def _log(self, rec: dict) -> None:
+        self.records.append(rec)
+        if self.logger is not None:
+            self.logger.log(rec, step=self.ctx.step)
+
+    # ----------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        """JSON-able state to store with the framework's checkpoints: the method's
+        ``state_dict()`` (history, RNG, active set, …) and the records logged so far."""
+        return {"method": self.method.state_dict(), "records": list(self.records)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the method re-applies its active set to the controller)."""
+        self.method.load_state_dict(state["method"])
+        self.records = list(state.get("records", []))
 
     # ----------------------------------------------------------------- optimizer
     def optimizer(self, lr: float = 1e-3, **kw: Any) -> MethodSlicedAdamW:
@@ -139,8 +173,12 @@ class MethodDriver:
         """Where samples come from: a map-style ``dataset`` (``len`` + ``__getitem__``), the
         ``collate`` function that batches its items (default: torch's ``default_collate``) and
         ``loss_fn(model, batch)`` → scalar loss (for methods that score at initialisation)."""
-        check(hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"), "train dataset",
-              type(dataset).__name__, "a map-style dataset (len() and [i])")
+        check(
+            hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"),
+            "train dataset",
+            type(dataset).__name__,
+            "a map-style dataset (len() and [i])",
+        )
         check(len(dataset) >= 1, "train dataset length", len(dataset), ">= 1")
         self.dataset = dataset
         self.collate = collate or _collate_default
@@ -167,7 +205,11 @@ class MethodDriver:
         device = next(self.model.parameters()).device
         if isinstance(batch, Mapping):
             labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
-            inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items() if k not in _LABEL_KEYS}
+            inputs = {
+                k: v.to(device) if isinstance(v, Tensor) else v
+                for k, v in batch.items()
+                if k not in _LABEL_KEYS
+            }
             mask = None
             if isinstance(labels, Tensor) and labels.dim() == 2:
                 mask = (labels != -100).to(device)
@@ -213,3 +255,93 @@ class MethodDriver:
     def detach(self) -> None:
         """Give the model back its native layers (after training)."""
         self.controller.detach()
+
+    def close_logger(self) -> None:
+        """Close the metrics log if the driver opened it (from a path); a logger passed in stays open."""
+        if self._own_logger and self.logger is not None:
+            self.logger.close()
+
+
+class FrameworkCallback:
+    """What :class:`~ntkit.integrations.hf.NtkitCallback` and
+    :class:`~ntkit.integrations.lightning.NtkitLightningCallback` share: construction of the
+    :class:`MethodDriver`, the optimizer, the method state, and the trick that makes an instance a
+    subclass of the framework's callback class without importing the framework at module import.
+
+    A subclass sets ``_framework_base`` to a zero-argument function returning the framework's base
+    class (imported lazily, a one-line error when the package is missing). ``Subclass(...)`` then
+    returns an instance of ``type(name, (Subclass, base), {})``, built once per subclass — a user's
+    subclass of a callback is mixed in the same way.
+
+    Args: as :class:`MethodDriver` (``model, method, partition, logger, **config``).
+    """
+
+    _framework_base: ClassVar[Callable[[], type]]
+    _concrete: ClassVar[dict[type, type]] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls.__dict__.get("_ntkit_concrete"):
+            return object.__new__(cls)
+        if cls not in FrameworkCallback._concrete:
+            base = cls._framework_base()
+            FrameworkCallback._concrete[cls] = type(
+                cls.__name__, (cls, base), {"__module__": cls.__module__, "_ntkit_concrete": True}
+            )
+        return object.__new__(FrameworkCallback._concrete[cls])
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str | TrainingMethod = "mat",
+        partition: Partition | None = None,
+        logger: Any = None,
+        **config: Any,
+    ) -> None:
+        self.driver = MethodDriver(model, method, partition, logger=logger, **config)
+
+    @property
+    def method(self) -> TrainingMethod:
+        return self.driver.method
+
+    @property
+    def controller(self) -> SparseController:
+        return self.driver.controller
+
+    def optimizer(self, lr: float = 1e-3, **kw: Any) -> MethodSlicedAdamW:
+        """The optimizer to hand the framework: a :class:`~ntkit.sparse.SlicedAdamW` (``betas``,
+        ``eps``, ``weight_decay`` as AdamW) over every parameter, touching only active modules'
+        slices, with the method's ``lr_scale``."""
+        return self.driver.optimizer(lr=lr, **kw)
+
+    def state_dict(self) -> dict:
+        """The method's state and records (:meth:`MethodDriver.state_dict`), JSON-able."""
+        return self.driver.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.driver.load_state_dict(state)
+
+    def save_state(self, directory: str | Path) -> Path:
+        """Write :meth:`state_dict` as ``directory/ntkit_method.json`` (atomically); return the path."""
+        from ntkit.train.checkpoint import atomic_write_text
+
+        path = Path(directory) / STATE_FILE
+        atomic_write_text(path, json.dumps(self.state_dict()) + "\n")
+        return path
+
+    def load_state(self, directory: str | Path) -> bool:
+        """Restore the state saved by :meth:`save_state` in ``directory``; False when there is none.
+
+        Raises:
+            DataError: the file exists but is not valid JSON.
+        """
+        from ntkit.errors import DataError
+
+        path = Path(directory) / STATE_FILE
+        if not path.is_file():
+            return False
+        try:
+            state = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: corrupt method state ({' '.join(str(e).split())})") from None
+        self.load_state_dict(state)
+        return True

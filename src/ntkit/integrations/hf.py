@@ -30,20 +30,28 @@ The partition defaults to :func:`ntkit.partition.attention_heads`, which recogni
 with ``attn_implementation="eager"`` (fused SDPA kernels have no double backward; the mNTK engine
 itself uses first-order gradients only, but eager attention is what the tests cover).
 
-Limitations: the method's state is not written into the ``Trainer``'s checkpoints (resuming with
-``resume_from_checkpoint`` restarts the method's decisions); methods that add a loss term (PL
-pruning) are refused — use the plain loop (README) or :mod:`ntkit.harness`.
+Checkpoints: ``on_save`` writes the method's state (history, RNG, active set, records) as
+``ntkit_method.json`` into the checkpoint folder the ``Trainer`` has just written
+(``<output_dir>/checkpoint-<step>``); ``trainer.train(resume_from_checkpoint=...)`` restores it at
+``on_train_begin`` from ``<output_dir>/checkpoint-<global_step>`` — so a resumed run makes the same
+decisions as an uninterrupted one. A checkpoint without that file (written without this callback,
+or resumed from outside ``output_dir``, which a callback cannot see) is a one-line
+:class:`~ntkit.errors.DataError` rather than a silent restart of the method.
+
+Limitations: methods that add a loss term (PL pruning) are refused — use the plain loop (README)
+or :mod:`ntkit.harness`.
 """
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ntkit.errors import UnsupportedModelError
-from ntkit.integrations._driver import MethodDriver, MethodSlicedAdamW
+from ntkit.errors import DataError, UnsupportedModelError
+from ntkit.integrations._driver import STATE_FILE, FrameworkCallback
 from ntkit.methods.base import TrainingMethod
 from ntkit.partition import Partition
 
@@ -67,13 +75,15 @@ def _callback_base() -> type:
     return _transformers().TrainerCallback
 
 
-class NtkitCallback:
+class NtkitCallback(FrameworkCallback):
     """A ``transformers.TrainerCallback`` that runs an ntkit method inside a ``Trainer``.
 
     Args:
         model: the model given to the ``Trainer`` (a ``PreTrainedModel``).
         method: registered method name or a built :class:`~ntkit.methods.TrainingMethod`.
         partition: the modules (default: the model's attention heads).
+        logger: a :class:`~ntkit.train.MetricsLogger` or a ``.jsonl`` path for the method's records
+            (TensorBoard scalars / active-set images beside it when installed); None: none.
         **config: the method's config fields, e.g. ``alpha={"head": 0.1}, start_epoch=5``.
 
     Attributes:
@@ -84,33 +94,18 @@ class NtkitCallback:
     importing this module does not import ``transformers``).
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        concrete = _concrete_callback() if cls is NtkitCallback else cls
-        return object.__new__(concrete)
+    _framework_base = staticmethod(_callback_base)
 
     def __init__(
         self,
         model: nn.Module,
         method: str | TrainingMethod = "mat",
         partition: Partition | None = None,
+        logger: Any = None,
         **config: Any,
     ) -> None:
-        self.driver = MethodDriver(model, method, partition, **config)
+        super().__init__(model, method, partition, logger, **config)
         self._epoch = 0
-
-    @property
-    def method(self) -> TrainingMethod:
-        return self.driver.method
-
-    @property
-    def controller(self) -> Any:
-        return self.driver.controller
-
-    def optimizer(self, lr: float = 1e-3, **kw: Any) -> MethodSlicedAdamW:
-        """The optimizer to pass as ``Trainer(optimizers=(callback.optimizer(lr=...), None))``:
-        a :class:`~ntkit.sparse.SlicedAdamW` (``betas``, ``eps``, ``weight_decay`` as AdamW) over
-        every parameter, touching only active modules' slices, with the method's ``lr_scale``."""
-        return self.driver.optimizer(lr=lr, **kw)
 
     # ------------------------------------------------------------------ TrainerCallback events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -120,10 +115,28 @@ class NtkitCallback:
         if loader is not None:
             d.set_data(loader.dataset, getattr(loader, "collate_fn", None), loss_fn=_hf_loss)
             steps = max(1, len(loader) // max(1, int(args.gradient_accumulation_steps)))
-            d.set_schedule(steps, int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps))
+            d.set_schedule(
+                steps, int(args.per_device_train_batch_size) * int(args.gradient_accumulation_steps)
+            )
         self._epoch = int(state.epoch or 0)
         if int(state.global_step) == 0:
             d.at_init()
+        else:  # resuming: the method state saved with the checkpoint the Trainer resumes from
+            ckpt = Path(args.output_dir) / f"checkpoint-{int(state.global_step)}"
+            if not self.load_state(ckpt):
+                raise DataError(
+                    f"resume: {ckpt} has no {STATE_FILE}; the method's decisions cannot be restored "
+                    "(checkpoints must be written with this callback; resume from under args.output_dir)"
+                )
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        """Write the method state into the checkpoint folder the ``Trainer`` has just written."""
+        ckpt = Path(args.output_dir) / f"checkpoint-{int(state.global_step)}"
+        if ckpt.is_dir():
+            self.save_state(ckpt)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.driver.close_logger()
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.driver.epoch_begin(self._epoch, state.global_step)
@@ -137,14 +150,3 @@ class NtkitCallback:
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.driver.epoch_end(self._epoch, state.global_step)
         self._epoch += 1
-
-
-_CONCRETE: dict[str, type] = {}
-
-
-def _concrete_callback() -> type:
-    """``NtkitCallback`` mixed with ``transformers.TrainerCallback`` (built once, on first use)."""
-    if "cls" not in _CONCRETE:
-        base = _callback_base()
-        _CONCRETE["cls"] = type("NtkitCallback", (NtkitCallback, base), {"__module__": __name__})
-    return _CONCRETE["cls"]

@@ -37,8 +37,12 @@ its ``collate_fn``: ``(x, y, …)`` batches give ``x``; dict batches give the di
 :func:`ntkit.partition.attention_heads`.
 
 Limitations: with ``accumulate_grad_batches > 1`` ``before_step`` / ``after_step`` run per
-micro-batch (MAT changes its set only at epoch ends, so it is unaffected); the method's state is
-not in Lightning checkpoints; methods that add a loss term are refused.
+micro-batch (MAT changes its set only at epoch ends, so it is unaffected); methods that add a
+loss term are refused.
+
+Checkpoints: ``on_save_checkpoint`` stores the method's state (history, RNG, active set, records)
+under ``checkpoint["ntkit_method"]``; ``on_load_checkpoint`` (``fit(ckpt_path=...)``) restores it, so
+a resumed run makes the same decisions as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -48,12 +52,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ntkit.errors import UnsupportedModelError
-from ntkit.integrations._driver import MethodDriver, MethodSlicedAdamW
-from ntkit.methods.base import TrainingMethod
-from ntkit.partition import Partition
+from ntkit.errors import DataError, UnsupportedModelError
+from ntkit.integrations._driver import FrameworkCallback
 
-__all__ = ["NtkitLightningCallback"]
+__all__ = ["CHECKPOINT_KEY", "NtkitLightningCallback"]
+
+#: Key of the method state in a Lightning checkpoint dict.
+CHECKPOINT_KEY = "ntkit_method"
 
 
 def _lightning() -> Any:
@@ -67,7 +72,11 @@ def _lightning() -> Any:
     )
 
 
-class NtkitLightningCallback:
+def _callback_base() -> type:
+    return _lightning().Callback
+
+
+class NtkitLightningCallback(FrameworkCallback):
     """A Lightning ``Callback`` that runs an ntkit method on ``model`` (a submodule of the
     ``LightningModule``, or the module itself).
 
@@ -75,6 +84,8 @@ class NtkitLightningCallback:
         model: the network whose modules the method governs.
         method: registered method name or a built :class:`~ntkit.methods.TrainingMethod`.
         partition: the modules (default: the model's attention heads).
+        logger: a :class:`~ntkit.train.MetricsLogger` or a ``.jsonl`` path for the method's records
+            (TensorBoard scalars / active-set images beside it when installed); None: none.
         **config: the method's config fields.
 
     Attributes:
@@ -84,31 +95,7 @@ class NtkitLightningCallback:
     this module does not import Lightning).
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        concrete = _concrete_callback() if cls is NtkitLightningCallback else cls
-        return object.__new__(concrete)
-
-    def __init__(
-        self,
-        model: nn.Module,
-        method: str | TrainingMethod = "mat",
-        partition: Partition | None = None,
-        **config: Any,
-    ) -> None:
-        self.driver = MethodDriver(model, method, partition, **config)
-
-    @property
-    def method(self) -> TrainingMethod:
-        return self.driver.method
-
-    @property
-    def controller(self) -> Any:
-        return self.driver.controller
-
-    def optimizer(self, lr: float = 1e-3, **kw: Any) -> MethodSlicedAdamW:
-        """What ``configure_optimizers`` returns: a :class:`~ntkit.sparse.SlicedAdamW` (``betas``,
-        ``eps``, ``weight_decay`` as AdamW) over the model, touching only active slices."""
-        return self.driver.optimizer(lr=lr, **kw)
+    _framework_base = staticmethod(_callback_base)
 
     # ------------------------------------------------------------------ Callback events
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -136,19 +123,26 @@ class NtkitLightningCallback:
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self.driver.step_begin(trainer.global_step)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.driver.step_end(max(0, trainer.global_step - 1))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self.driver.epoch_end(trainer.current_epoch, trainer.global_step)
 
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.driver.close_logger()
 
-_CONCRETE: dict[str, type] = {}
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        """Store the method state (history, RNG, active set, records) in the checkpoint dict."""
+        checkpoint[CHECKPOINT_KEY] = self.state_dict()
 
-
-def _concrete_callback() -> type:
-    """``NtkitLightningCallback`` mixed with Lightning's ``Callback`` (built once, on first use)."""
-    if "cls" not in _CONCRETE:
-        base = _lightning().Callback
-        _CONCRETE["cls"] = type("NtkitLightningCallback", (NtkitLightningCallback, base), {"__module__": __name__})
-    return _CONCRETE["cls"]
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        """Restore it on ``fit(ckpt_path=...)``; a checkpoint without it is a one-line DataError."""
+        if CHECKPOINT_KEY not in checkpoint:
+            raise DataError(
+                f"resume: the checkpoint has no {CHECKPOINT_KEY!r}; the method's decisions cannot be restored "
+                "(it was written without NtkitLightningCallback)"
+            )
+        self.load_state_dict(checkpoint[CHECKPOINT_KEY])
