@@ -90,6 +90,7 @@ from ntkit.train.allocator import tune_cpu_allocator
 __all__ = ["main", "run"]
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ntk_engine.json"
+MODELS = ("bert_mini", "vgg16", "hf_bert_mini", "hf_gpt2_small")
 METHODS = ("fwd+bwd", "engine", "engine-full-logits", "loop", "loop-frozen", "functorch", "nngeometry", "neural-tangents")
 
 
@@ -122,7 +123,33 @@ def build_case(name: str, quick: bool, s: int | None = None, t: int | None = Non
         model = build_model("vgg16", width=0.25 if quick else 1.0).eval()
         x = torch.randn(s, 3, 32, 32, generator=g)
         return Case(name, model, x, None, P.conv_filters(model))
-    raise SystemExit(f"unknown model {name!r}: choose bert_mini or vgg16")
+    if name in ("hf_bert_mini", "hf_gpt2_small"):  # Hugging Face models from configs (random init)
+        import transformers as T
+
+        s = s or (4 if quick else 16)
+        t = t or (32 if quick else 128)
+        if name == "hf_bert_mini":  # BERT-mini's shape: 4 layers, d = 256, 4 heads
+            cfg = T.BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                               intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+            hf = T.BertForMaskedLM(cfg)
+        else:  # GPT-2 small's shape (124 M parameters); quick: 2 layers
+            cfg = T.GPT2Config(n_layer=2 if quick else 12, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+            hf = T.GPT2LMHeadModel(cfg)
+        model = _HFLogits(hf).eval()
+        ids = torch.randint(0, hf.config.vocab_size, (s, t), generator=g)
+        return Case(name, model, ids, None, P.attention_heads(model))
+    raise SystemExit(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+
+
+class _HFLogits(nn.Module):
+    """A HF LM → its logits [S, T, V] (the engine's per-sample scalar: their sum)."""
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.hf(input_ids=input_ids).logits
 
 
 def _total(c: Case, i: int | None = None) -> Tensor:
@@ -471,7 +498,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     (``{}`` in a ``--_child`` process)."""
     ap = argparse.ArgumentParser(prog="ntkit bench ntk", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small S / T / width, 1 repeat (smoke test)")
-    ap.add_argument("--models", nargs="+", default=["bert_mini", "vgg16"], choices=["bert_mini", "vgg16"])
+    ap.add_argument("--models", nargs="+", default=["bert_mini", "vgg16"], choices=list(MODELS),
+                    help="hf_*: Hugging Face models from configs (needs transformers; default S = 16)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per method (default 5; quick 1)")
     ap.add_argument("--S", type=int, default=None, help="samples (default 64; quick 8)")

@@ -49,7 +49,9 @@ class TiedLM(nn.Module):
         if self.use == "linear":
             return F.linear(h, w)
         if self.use == "einsum":
-            return torch.einsum("btd,vd->btv", h, w)
+            return torch.einsum("btd,vd->btv", h, w) + torch.einsum("vd,btd->btv", [w, h])
+        if self.use == "einsum_ellipsis":
+            return torch.einsum("...d,vd->...v", h, w)
         if self.use == "bias_add":  # the hidden layer's bias reused functionally
             return self.out(h + self.fc.bias)
         if self.use == "bias_sigmoid":  # … through an op without a rule
@@ -64,7 +66,7 @@ class TiedLM(nn.Module):
 
 OPS = {  # uses without a per-op rule: the parameter falls back, named with the op
     "matmul_t": ("tok.weight", "Tensor.t"),
-    "einsum": ("tok.weight", "torch.einsum"),
+    "einsum_ellipsis": ("tok.weight", "torch.einsum"),
     "bias_sigmoid": ("fc.bias", "torch.sigmoid"),
 }
 
@@ -106,9 +108,9 @@ class SecondLookup(nn.Module):
 
 @pytest.mark.parametrize(
     "model",
-    [TiedLM("linear"), TiedLM("bias_add"), TiedLM("scale_shift"), TiedLM("matmul"), SecondLookup(),
-     SecondLookup(padding_idx=-2)],
-    ids=["tied_linear", "bias_add", "scale_shift", "matmul", "second_lookup", "padding_idx"],
+    [TiedLM("linear"), TiedLM("bias_add"), TiedLM("scale_shift"), TiedLM("matmul"), TiedLM("einsum"),
+     SecondLookup(), SecondLookup(padding_idx=-2)],
+    ids=["tied_linear", "bias_add", "scale_shift", "matmul", "einsum", "second_lookup", "padding_idx"],
 )
 @pytest.mark.parametrize("output", ["sum_logits", "logits"])
 def test_functional_uses_with_rules_stay_on_hooks(model: nn.Module, output: str) -> None:
@@ -260,3 +262,36 @@ def test_shared_position_lookup_is_hooked_or_reported(how: str) -> None:
         else:
             assert got.strategy == "hooks" and got.fallback_layers == []
             assert rel(modular_ntk(model, x, part, output=output, self_check=False).grams, ref) <= 1e-10
+
+
+class ConvZoo(nn.Module):
+    """Conv layers beyond plain Conv2d: depthwise / grouped, dilated, strided, 'same' padding,
+    reflect / circular / replicate padding modes, Conv1d, GroupNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c2 = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"), nn.Tanh(),
+            nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=6), nn.GroupNorm(3, 6), nn.Tanh(),
+            nn.Conv2d(6, 4, (3, 2), padding="same", padding_mode="circular", groups=2), nn.Tanh(),
+            nn.Conv2d(4, 4, 3, stride=2, padding=1, padding_mode="replicate"),
+        )
+        self.c1 = nn.Conv1d(4, 4, 3, padding="same", groups=2)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c2(x).flatten(2)  # [S, 4, L]
+        return self.out(torch.tanh(self.c1(h)).mean(-1))
+
+
+@pytest.mark.parametrize("output", ["sum_logits", "logits"])
+def test_grouped_conv_padding_modes_conv1d_and_groupnorm_are_hooked_and_exact(output: str) -> None:
+    from ntkit.partition import conv_filters
+
+    torch.manual_seed(0)
+    model = ConvZoo().double().eval()
+    x = torch.randn(5, 3, 7, 7, dtype=torch.float64)
+    for part in (layers_partition(model), conv_filters(model)):
+        ref = modular_ntk(model, x, part, strategy="brute_force", output=output).grams
+        got = modular_ntk(model, x, part, output=output, strategy="hooks")
+        assert got.fallback_layers == [] and rel(got.grams, ref) <= 1e-10

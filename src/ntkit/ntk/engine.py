@@ -36,22 +36,30 @@ The S-pass loop costs S forward+backward passes of batch 1 (≈ the FLOPs of one
 batch-1 efficiency) plus S reads of the full gradients; ``vmap(grad)`` pays per-sample full
 gradients (S·P memory) before any Gram.
 
-Never silently wrong: the hook forward runs under :class:`~ntkit.ntk._checks.UseTracker`, which
-records every torch op consuming a covered parameter outside the forward of a module owning it
-(``F.linear(h, emb.weight)``, ``h @ emb.weight.t()``, ``x + fc.bias``). Uses with a per-op rule
-(``F.linear`` with the parameter as weight, ``F.embedding`` with it as table) become one more
-hooked use, so a tied weight contributes every use; any other such parameter goes to torch.func,
-reported as ``"tok.weight: used by Tensor.t outside tok"``. Then a self-check (``self_check=True``) compares every group's hook Gram on two
-samples with autograd's gradient of their summed output and recomputes failing groups by
-torch.func. Layers the hooks do not support (any type
-other than Linear / Conv2d (groups=1, zero padding) / Embedding / LayerNorm / eval BatchNorm,
-subclasses that override ``forward``, the ``out_proj`` of ``nn.MultiheadAttention`` whose
-``forward`` never runs, modules whose input batch dimension is not the sample dimension — e.g. a
-position embedding looked up with ``arange(T)`` and broadcast over the batch) fall back to
-:mod:`torch.func`; :attr:`ModularNTK.fallback_layers` names them. The sample dimension is
-recognised by shape (dim 0 of the layer input equals S; 1-D ids must be a model input), so a
-table of S rows built inside ``forward`` and broadcast over samples afterwards would be misread:
-check such models once against ``strategy="brute_force"``.
+Capture by use, never silently wrong: the hook forward runs under
+:class:`~ntkit.ntk._checks.UseTracker`, which records every torch op consuming a covered parameter
+outside the forward of a layer with a rule. Layers with rules: ``nn.Linear``, ``nn.Conv2d`` (the
+fast forms for groups = 1 with zero padding; any groups, dilation, stride, ``'same'`` and
+reflect / replicate / circular padding by per-sample patches), ``nn.Conv1d``, ``nn.Embedding``,
+``nn.LayerNorm``, ``nn.GroupNorm``, eval ``BatchNorm``, and layers that declare an affine layout
+through :func:`ntkit.structure.declare` (HF's ``Conv1D``). Uses elsewhere with a per-op rule
+become one more hooked use, so a parameter used k times contributes all k uses: ``F.linear(X, P)``,
+``X @ P``, ``torch.einsum(eq, X, P)``, ``F.embedding(ids, P)``, ``X ± P`` and ``X * P`` with P
+broadcast over the samples (position embeddings, LayerScale, RMSNorm weights), ``P.expand(S, …)``
+(class tokens), and an embedding looked up once with ids [1, …] and added to every sample (HF
+position ids). Any other use sends the parameter to torch.func, reported as
+``"tok.weight: used by Tensor.t outside tok"``. Then a self-check (``self_check=True``) compares
+every group's hook Gram on two samples with autograd's gradient of their summed output and
+recomputes failing groups by torch.func. What still falls back (named in
+:attr:`ModularNTK.fallback_layers`): layer types without a rule whose parameters are consumed by
+ops without one (``nn.MultiheadAttention``'s fused kernel, custom autograd functions),
+subclasses that override ``forward`` (their math may differ), and layers whose input batch
+dimension is not the sample dimension — e.g. a 1-D ``arange(T)`` lookup broadcast over the
+batch. MoE layers declare their experts, router and dispatch (:func:`ntkit.structure.declare`;
+the zoo's :class:`~ntkit.models.layers.SwitchFFN` does), so expert rows map back to their samples.
+The sample dimension is recognised by shape (dim 0 of the layer input equals S; 1-D ids must be a
+model input), so a table of S rows built inside ``forward`` and broadcast over samples afterwards
+would be misread — the self-check then catches it.
 """
 
 from __future__ import annotations
@@ -128,6 +136,33 @@ def _broadcasts_over_samples(p: Tensor, x: Tensor) -> bool:
         return False
 
 
+def _conv_weight_per_sample(x: Tensor, d: Tensor, conv: nn.Conv1d | nn.Conv2d) -> Tensor:
+    """Per-sample weight gradients [N, *W.shape] of any Conv1d / Conv2d (groups, dilation, stride,
+    'same' and non-zero padding modes): the padded input's patches, per group, against the output
+    gradient — G_i[o, c·k] = Σ_l δ_i[o, l] · patch_i[g(o), c·k, l]. Materialises N·P values."""
+    one_d = isinstance(conv, nn.Conv1d)
+    if one_d:  # as a Conv2d of height 1
+        x, d = x.unsqueeze(2), d.unsqueeze(2)
+    k = (1, *conv.kernel_size) if one_d else tuple(conv.kernel_size)
+    dil = (1, *conv.dilation) if one_d else tuple(conv.dilation)
+    stride = (1, *conv.stride) if one_d else tuple(conv.stride)
+    if isinstance(conv.padding, str):  # 'valid' / 'same' (stride 1): d·(k−1) in all, odd one right
+        pads = [(0, 0) if conv.padding == "valid" else (dd * (kk - 1) // 2, dd * (kk - 1) - dd * (kk - 1) // 2)
+                for dd, kk in zip(dil, k)]
+    else:
+        pads = [(0, 0)] + [(p, p) for p in conv.padding] if one_d else [(p, p) for p in conv.padding]
+    pad = (pads[1][0], pads[1][1], pads[0][0], pads[0][1])
+    if any(pad):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    n, g = x.shape[0], conv.groups
+    patches = F.unfold(x, k, dilation=dil, stride=stride)  # [N, Cin·kh·kw, L]
+    patches = patches.view(n, g, -1, patches.shape[-1])
+    dd = d.reshape(n, g, d.shape[1] // g, -1)
+    w = torch.einsum("ngol,ngkl->ngok", dd, patches)
+    return w.reshape(n, *conv.weight.shape)
+
+
 def _per_sample_sum_to(d: Tensor, shape: torch.Size) -> Tensor:
     """[S, …] gradient of an output that ``shape`` was broadcast into (without a sample dim) →
     per-sample gradients [S, *shape]: sums over the broadcast dims, sample by sample."""
@@ -138,9 +173,35 @@ def _per_sample_sum_to(d: Tensor, shape: torch.Size) -> Tensor:
     return d.reshape(d.shape[0], *shape)
 
 
-def _rule_of(func: Any, args: Sequence[Any], kwargs: dict[str, Any], p: Tensor, s: int) -> tuple[str, Tensor, float] | None:
-    """(kind, X, sign) of a use of parameter ``p`` by ``func`` that has a per-sample rule, else
-    None (see :meth:`_HookRun.capture`)."""
+def _einsum_grad_spec(eq: str, ops: Sequence[Any], p: Tensor, s: int) -> str | None:
+    """For ``einsum(eq, X, P)`` (either order) with X's first index the sample index (first in
+    the output too, absent from P): the equation of the per-sample gradient
+    ``"<out>,<X>-><sample><P>"`` (evaluated on δ and X), or None when the form has no such rule
+    (ellipsis, repeated or P-only indices, more operands)."""
+    if len(ops) != 2 or sum(o is p for o in ops) != 1 or "..." in eq or "->" not in eq:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    if len(terms) != 2:
+        return None
+    ip = [o is p for o in ops].index(True)
+    tp, tx = terms[ip], terms[1 - ip]
+    x = ops[1 - ip]
+    if not isinstance(x, Tensor) or isinstance(x, nn.Parameter) or x.dim() != len(tx) or p.dim() != len(tp):
+        return None
+    if not tx or x.shape[0] != s or not out or out[0] != tx[0] or tx[0] in tp:
+        return None
+    if len(set(tp)) != len(tp) or len(set(tx)) != len(tx) or len(set(out)) != len(out):
+        return None
+    if any(c not in tx and c not in out for c in tp):  # an index summed over P alone
+        return None
+    return f"{out},{tx}->{tx[0]}{tp}"
+
+
+def _rule_of(func: Any, args: Sequence[Any], kwargs: dict[str, Any], p: Tensor, s: int) -> tuple[str, Tensor, Any] | None:
+    """(kind, X, sign of P's term — for einsum the per-sample gradient's equation) of a use of
+    parameter ``p`` by ``func`` that has a per-sample rule, else None (see
+    :meth:`_HookRun.capture`)."""
     kind = _FUNCTIONAL_RULES.get(func)
     if kind is not None:
         bound = _bind(func, args, kwargs)
@@ -174,6 +235,10 @@ def _rule_of(func: Any, args: Sequence[Any], kwargs: dict[str, Any], p: Tensor, 
         if isinstance(x, Tensor) and not isinstance(x, nn.Parameter) and x.dim() >= 2 and x.shape[0] == s:
             return "linear_t", x, 1.0
         return None
+    if name == "einsum" and not kwargs and len(args) >= 2 and isinstance(args[0], str):
+        ops = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+        spec = _einsum_grad_spec(args[0], ops, p, s)
+        return None if spec is None else ("einsum", ops[1 - [o is p for o in ops].index(True)], spec)
     if name == "expand" and args[0] is p and p.dim() >= 1:
         shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
         if not kwargs and len(shape) >= 1 and shape[0] == s and (len(shape) > p.dim() or p.shape[0] == 1):
@@ -352,8 +417,12 @@ def _layer_kind(m: nn.Module, attr: str, in_mha: bool) -> tuple[str | None, str]
         return ("linear" if st.linear == "out_in" else "linear_t"), ""
     if isinstance(m, nn.Conv2d) and t.forward is nn.Conv2d.forward:
         if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid":
-            return None, "Conv2d with groups>1, non-zero padding mode or 'same' padding"
+            return "conv_any", ""  # grouped / depthwise, reflect / replicate / circular, 'same'
         return "conv2d", ""
+    if isinstance(m, nn.Conv1d) and t.forward is nn.Conv1d.forward:
+        return "conv_any", ""
+    if isinstance(m, nn.GroupNorm) and t.forward is nn.GroupNorm.forward:
+        return "groupnorm", ""
     if isinstance(m, nn.Embedding) and t.forward is nn.Embedding.forward:
         if m.max_norm is not None or m.scale_grad_by_freq:
             return None, "Embedding with max_norm / scale_grad_by_freq"
@@ -703,7 +772,9 @@ class _HookRun:
         :class:`UseTracker` ``capture``); X below has sample dim 0 of size S:
 
         * ``F.linear(X, P[, b])`` (b None or not a parameter), ``X @ P`` / ``torch.matmul(X, P)``
-          with P 2-D (``y = X P``), ``F.embedding(ids, P)`` (no max_norm / scale_grad_by_freq);
+          with P 2-D (``y = X P``), ``F.embedding(ids, P)`` (no max_norm / scale_grad_by_freq),
+          ``torch.einsum(eq, X, P)`` (either order; X's first index is the sample index, first in
+          the output, not in P; no ellipsis, repeated or P-only indices);
         * element-wise shift and scale by P broadcast over the samples: ``X + P``, ``P + X``,
           ``X - P``, ``P - X``, ``X * P``, ``P * X`` (operators, ``torch.add`` / ``sub`` / ``mul``
           and the Tensor methods, without ``alpha``) — position embeddings, class tokens added,
@@ -722,6 +793,9 @@ class _HookRun:
         if rule is None:
             return None
         kind, x, sign = rule
+        rows = None
+        if kind == "einsum":
+            rows, sign = ("einsum", sign), 1.0
         if x.dim() == 1 and x.untyped_storage().data_ptr() not in self.input_ptrs:
             return None  # 1-D ids of length S made inside forward: dim 0 may not be samples
         holder = nn.Module()  # stands for the op: holds the parameter as ``weight``
@@ -735,8 +809,8 @@ class _HookRun:
         out = func(*args, **kwargs)  # every rule's output has sample dim 0 of size S
         if not torch.is_grad_enabled():
             return out
-        keep = x.detach() if kind in ("linear", "linear_t", "embedding", "scale") else x.new_empty(0)
-        call = _Call(holder, kind, keep, None, sign=sign)
+        keep = x.detach() if kind in ("linear", "linear_t", "embedding", "scale", "einsum") else x.new_empty(0)
+        call = _Call(holder, kind, keep, rows, sign=sign)
         self.calls[pname].append(call)
         if not out.requires_grad:
             if self.leaf is None:
@@ -815,10 +889,24 @@ class _HookRun:
             return _Direct(d4.sum((2, 3)))
         if call.kind == "embedding":
             return _EmbeddingForm(x, g.to(acc), m.padding_idx)  # type: ignore[arg-type]
+        if call.kind == "conv_any":
+            d = g.to(acc)
+            if attr == "bias":
+                return _Direct(d.sum(tuple(range(2, d.dim()))))
+            return _Direct(_conv_weight_per_sample(x.to(acc), d, m))  # type: ignore[arg-type]
+        if call.kind == "groupnorm":
+            d = g.to(acc)
+            red = tuple(range(2, d.dim()))
+            if attr == "bias":
+                return _Direct(d.sum(red) if red else d)
+            xh = F.group_norm(x.to(acc), m.num_groups, None, None, m.eps)  # type: ignore[arg-type]
+            return _Direct((d * xh).sum(red) if red else d * xh)
         if call.kind == "embedding_bcast":  # lookup E of ids [1, …] shifted into X [S, …]
             d = _per_sample_sum_to(g.to(acc), call.rows[1]) * call.sign  # [S, 1, …, D]
             d = d.reshape(s, *x.shape[1:], d.shape[-1])
             return _EmbeddingForm(x.expand(s, *x.shape[1:]), d, m.padding_idx)  # type: ignore[arg-type]
+        if call.kind == "einsum":
+            return _Direct(torch.einsum(call.rows[1], g.to(acc), x.to(acc)))  # type: ignore[index]
         if call.kind in ("shift", "scale", "expand"):  # P broadcast over the samples
             d = g.to(acc) if call.kind != "scale" else g.to(acc) * x.to(acc)
             return _Direct(_per_sample_sum_to(d, p.shape) * call.sign)
