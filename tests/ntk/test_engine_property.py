@@ -2,7 +2,9 @@
 through hooks or a reported torch.func fallback — never a wrong Gram.
 
 The grammar (token ids [S, T] in, logits out): an embedding, then blocks drawn from Linear,
-Conv2d over the token axis, LayerNorm, residual adds, single-head attention (separate q/k/v),
+Conv2d over the token axis, grouped reflect-padded Conv1d, LayerNorm, GroupNorm, residual adds,
+a position table [1, T, D] or a position lookup with ids [1, T] added to every sample, an earlier
+Linear's bias subtracted or its weight used in ``torch.einsum``, single-head attention (separate q/k/v),
 a Linear module called twice (weight sharing), functional uses of existing parameters
 (``F.linear(h, lin.weight)``, ``F.embedding(ids, emb.weight)``, ``h * norm.weight``), and a head:
 a classifier, a decoder ``nn.Linear`` tied to the embedding, or a tied projection written as
@@ -24,7 +26,8 @@ from ntkit.ntk import modular_ntk
 from ntkit.partition import Partition
 
 V, D, T, S = 7, 4, 3, 2
-BLOCKS = ("linear", "conv", "norm", "residual", "attention", "shared", "f_linear", "f_embedding", "f_scale")
+BLOCKS = ("linear", "conv", "norm", "residual", "attention", "shared", "f_linear", "f_embedding", "f_scale",
+          "gconv", "gnorm", "f_shift", "f_einsum", "pos_table", "pos_lookup")
 HEADS = ("cls", "tied_module", "tied_matmul", "tied_linear")
 
 
@@ -41,6 +44,16 @@ class Grammar(nn.Module):
                 self.layers.append(nn.Conv2d(D, D, (3, 1), padding=(1, 0)))
             elif b in ("norm", "f_scale"):
                 self.layers.append(nn.LayerNorm(D))
+            elif b == "gconv":
+                self.layers.append(nn.Conv1d(D, D, 3, padding=1, groups=2, padding_mode="reflect"))
+            elif b == "gnorm":
+                self.layers.append(nn.GroupNorm(2, D))
+            elif b == "pos_lookup":
+                self.layers.append(nn.Embedding(T, D))
+            elif b == "pos_table":
+                holder = nn.Module()
+                holder.table = nn.Parameter(torch.randn(1, T, D))
+                self.layers.append(holder)
             elif b == "attention":
                 self.layers.append(nn.ModuleDict({n: nn.Linear(D, D) for n in ("q", "k", "v")}))
             else:  # f_embedding: a second, functional lookup of the token table
@@ -79,6 +92,18 @@ class Grammar(nn.Module):
                     h = h * last_norm.weight
             elif b == "f_embedding":
                 h = h + F.embedding(ids, self.emb.weight)
+            elif b == "gconv":  # grouped Conv1d over the token axis, reflect padding
+                h = torch.tanh(m(h.transpose(1, 2))).transpose(1, 2)
+            elif b == "gnorm":
+                h = m(h.transpose(1, 2)).transpose(1, 2)
+            elif b == "f_shift" and last_linear is not None:  # an earlier Linear's bias, broadcast
+                h = torch.tanh(h - last_linear.bias)
+            elif b == "f_einsum" and last_linear is not None:
+                h = torch.tanh(torch.einsum("btd,ed->bte", h, last_linear.weight))
+            elif b == "pos_table":  # a [1, T, D] parameter added to every sample
+                h = h + m.table
+            elif b == "pos_lookup":  # position ids [1, T] shared by all samples
+                h = h + m(torch.arange(T).unsqueeze(0))
             if isinstance(m, nn.Linear):
                 last_linear = m
             if isinstance(m, nn.LayerNorm):
