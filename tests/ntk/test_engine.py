@@ -271,13 +271,13 @@ def test_strategies_match_brute_force(case: str, strategy: str) -> None:
 @pytest.mark.parametrize("path", ["materialise", "contract", "contract_raw_conv_gram", "grouped_conv", "unfold_conv"])
 def test_every_gram_path_matches_brute_force(case: str, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Force each per-layer kernel (the cost rule would pick only one per layer)."""
-    from ntkit.ntk import engine
+    from ntkit.ntk import _uses, engine
 
     if path in ("grouped_conv", "unfold_conv"):  # per-sample conv gradient families
         family = path.split("_")[0]
-        monkeypatch.setattr(engine, "_conv_rows_family", lambda positions: family)
+        monkeypatch.setattr(_uses, "conv_rows_family", lambda positions: family)
     if path == "contract_raw_conv_gram":  # conv token Gram from raw activations + shifted adds
-        monkeypatch.setattr(engine._ConvForm, "patch_gram_cost", lambda self: (0, True))
+        monkeypatch.setattr(_uses.ConvForm, "patch_gram_cost", lambda self: (0, True))
     costs = (1, 0) if path.startswith("contract") else (0, 1)
     monkeypatch.setattr(engine, "linear_costs", lambda *a, **k: costs)
     model, x, parts, mask = make_case(case)

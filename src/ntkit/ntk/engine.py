@@ -74,19 +74,26 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ntkit.errors import ConfigError, UnsupportedModelError, check
 from ntkit.ntk._checks import UseTracker, check_tolerance, gram_self_check, subset_rows, watch_map
-from ntkit.ntk._grams import (
-    SliceSpec,
-    accumulate_slice_grams,
-    add_to_groups,
-    contract_linear_grams,
-    linear_costs,
+from ntkit.ntk._grams import add_to_groups, contract_linear_grams, linear_costs
+from ntkit.ntk._layers import check_independent
+from ntkit.ntk._rules import Owner, bind_args, owners_of, rule_of
+from ntkit.ntk._uses import (
+    BUDGET,
+    ConvForm,
+    Direct,
+    EmbeddingForm,
+    LinearForm,
+    Use,
+    chunked_grams,
+    conv_weight_per_sample,
+    embedding_compact,
+    pad_rows,
+    per_sample_sum_to,
 )
-from ntkit.ntk._layers import check_independent, conv_output_hw, conv_padding_hw, unfold
-from ntkit.partition import ParamSlice, Partition, param_owners
+from ntkit.partition import ParamSlice, Partition
 from ntkit.structure import structure_of
 
 if TYPE_CHECKING:
@@ -95,162 +102,7 @@ if TYPE_CHECKING:
 __all__ = ["ModularNTK", "Strategy", "modular_ntk", "packed_rows_ambiguous"]
 
 _OUTPUTS = ("sum_logits", "logits")
-# Elements of the largest temporary (per-sample gradient chunk, contraction intermediate).
-# Kept small: fresh multi-hundred-MB temporaries page-fault at a few GB/s on CPU (DESIGN.md §2).
-_BUDGET = 1 << 23
 _CONTRACT_BUDGET = 1 << 20
-# Per-sample conv weight gradients (materialised path), by measurement on CPU (S=64, VGG shapes,
-# quiet machine): the grouped-convolution weight gradient (groups = S) wins at ≥ 16×16 output
-# positions (1.3–1.8×); at 8×8 unfold + bmm wins (~2×). A loop of batch-1 ``conv2d_weight`` calls
-# was faster in isolation at 8×8 but slower inside the engine (row chunks → S·chunks calls).
-_GROUPED_CONV_MIN_POSITIONS = 256
-
-
-# Functional ops with a per-sample gradient rule when a covered parameter is their weight operand
-# outside its module (tied output projections, a second lookup of an embedding table).
-_FUNCTIONAL_RULES: dict[Any, str] = {F.linear: "linear", F.embedding: "embedding"}
-_LINEAR_ARGS = ("input", "weight", "bias")
-_EMBEDDING_ARGS = ("input", "weight", "padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-# element-wise ops by a broadcast parameter: name → (kind, sign of P's term when P is the first
-# operand, when P is the second)
-_ELEMENTWISE: dict[str, tuple[str, float, float]] = {
-    "add": ("shift", 1.0, 1.0), "__add__": ("shift", 1.0, 1.0), "__radd__": ("shift", 1.0, 1.0),
-    "sub": ("shift", 1.0, -1.0), "__sub__": ("shift", 1.0, -1.0), "__rsub__": ("shift", -1.0, 1.0),
-    "mul": ("scale", 1.0, 1.0), "__mul__": ("scale", 1.0, 1.0), "__rmul__": ("scale", 1.0, 1.0),
-}
-_MATMUL = frozenset({"matmul", "__matmul__"})
-
-
-def _bind(func: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    names = _LINEAR_ARGS if _FUNCTIONAL_RULES.get(func) == "linear" else _EMBEDDING_ARGS
-    return dict(zip(names, args)) | kwargs
-
-
-def _broadcasts_over_samples(p: Tensor, x: Tensor) -> bool:
-    """P broadcasts against X [S, …] without a sample dim of its own and without growing X."""
-    if p.dim() > x.dim() or (p.dim() == x.dim() and p.shape[0] != 1):
-        return False
-    try:
-        return torch.broadcast_shapes(p.shape, x.shape) == x.shape
-    except RuntimeError:
-        return False
-
-
-def _conv_weight_per_sample(x: Tensor, d: Tensor, conv: nn.Conv1d | nn.Conv2d) -> Tensor:
-    """Per-sample weight gradients [N, *W.shape] of any Conv1d / Conv2d (groups, dilation, stride,
-    'same' and non-zero padding modes): the padded input's patches, per group, against the output
-    gradient — G_i[o, c·k] = Σ_l δ_i[o, l] · patch_i[g(o), c·k, l]. Materialises N·P values."""
-    one_d = isinstance(conv, nn.Conv1d)
-    if one_d:  # as a Conv2d of height 1
-        x, d = x.unsqueeze(2), d.unsqueeze(2)
-    k = (1, *conv.kernel_size) if one_d else tuple(conv.kernel_size)
-    dil = (1, *conv.dilation) if one_d else tuple(conv.dilation)
-    stride = (1, *conv.stride) if one_d else tuple(conv.stride)
-    if isinstance(conv.padding, str):  # 'valid' / 'same' (stride 1): d·(k−1) in all, odd one right
-        pads = [(0, 0) if conv.padding == "valid" else (dd * (kk - 1) // 2, dd * (kk - 1) - dd * (kk - 1) // 2)
-                for dd, kk in zip(dil, k)]
-    else:
-        pads = [(0, 0)] + [(p, p) for p in conv.padding] if one_d else [(p, p) for p in conv.padding]
-    pad = (pads[1][0], pads[1][1], pads[0][0], pads[0][1])
-    if any(pad):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, pad, mode=mode)
-    n, g = x.shape[0], conv.groups
-    patches = F.unfold(x, k, dilation=dil, stride=stride)  # [N, Cin·kh·kw, L]
-    patches = patches.view(n, g, -1, patches.shape[-1])
-    dd = d.reshape(n, g, d.shape[1] // g, -1)
-    w = torch.einsum("ngol,ngkl->ngok", dd, patches)
-    return w.reshape(n, *conv.weight.shape)
-
-
-def _per_sample_sum_to(d: Tensor, shape: torch.Size) -> Tensor:
-    """[S, …] gradient of an output that ``shape`` was broadcast into (without a sample dim) →
-    per-sample gradients [S, *shape]: sums over the broadcast dims, sample by sample."""
-    full = (1,) * (d.dim() - len(shape)) + tuple(shape)
-    red = tuple(k for k in range(1, d.dim()) if full[k] == 1 and d.shape[k] != 1)
-    if red:
-        d = d.sum(red, keepdim=True)
-    return d.reshape(d.shape[0], *shape)
-
-
-def _einsum_grad_spec(eq: str, ops: Sequence[Any], p: Tensor, s: int) -> str | None:
-    """For ``einsum(eq, X, P)`` (either order) with X's first index the sample index (first in
-    the output too, absent from P): the equation of the per-sample gradient
-    ``"<out>,<X>-><sample><P>"`` (evaluated on δ and X), or None when the form has no such rule
-    (ellipsis, repeated or P-only indices, more operands)."""
-    if len(ops) != 2 or sum(o is p for o in ops) != 1 or "..." in eq or "->" not in eq:
-        return None
-    lhs, out = eq.replace(" ", "").split("->")
-    terms = lhs.split(",")
-    if len(terms) != 2:
-        return None
-    ip = [o is p for o in ops].index(True)
-    tp, tx = terms[ip], terms[1 - ip]
-    x = ops[1 - ip]
-    if not isinstance(x, Tensor) or isinstance(x, nn.Parameter) or x.dim() != len(tx) or p.dim() != len(tp):
-        return None
-    if not tx or x.shape[0] != s or not out or out[0] != tx[0] or tx[0] in tp:
-        return None
-    if len(set(tp)) != len(tp) or len(set(tx)) != len(tx) or len(set(out)) != len(out):
-        return None
-    if any(c not in tx and c not in out for c in tp):  # an index summed over P alone
-        return None
-    return f"{out},{tx}->{tx[0]}{tp}"
-
-
-def _rule_of(func: Any, args: Sequence[Any], kwargs: dict[str, Any], p: Tensor, s: int) -> tuple[str, Tensor, Any] | None:
-    """(kind, X, sign of P's term — for einsum the per-sample gradient's equation) of a use of
-    parameter ``p`` by ``func`` that has a per-sample rule, else None (see
-    :meth:`_HookRun.capture`)."""
-    kind = _FUNCTIONAL_RULES.get(func)
-    if kind is not None:
-        bound = _bind(func, args, kwargs)
-        x = bound.get("input")
-        if bound.get("weight") is not p or not isinstance(x, Tensor) or isinstance(x, nn.Parameter):
-            return None
-        if kind == "linear" and isinstance(bound.get("bias"), nn.Parameter):
-            return None
-        if kind == "embedding" and (bound.get("max_norm") is not None or bound.get("scale_grad_by_freq")):
-            return None
-        if x.dim() < (1 if kind == "embedding" else 2) or x.shape[0] != s:
-            return None
-        return kind, x, 1.0
-    name = getattr(func, "__name__", "")
-    if name == "__get__" or len(args) < 1:
-        return None
-    if name in _ELEMENTWISE and len(args) == 2 and not kwargs:
-        a, b = args
-        kind, sign_first, sign_second = _ELEMENTWISE[name]
-        if a is p and isinstance(b, Tensor) and b is not p:
-            x, sign = b, sign_first
-        elif b is p and isinstance(a, Tensor) and a is not p:
-            x, sign = a, sign_second
-        else:
-            return None
-        if isinstance(x, nn.Parameter) or x.dim() == 0 or x.shape[0] != s or not _broadcasts_over_samples(p, x):
-            return None
-        return kind, x, sign
-    if name in _MATMUL and len(args) == 2 and not kwargs and args[1] is p and p.dim() == 2:
-        x = args[0]
-        if isinstance(x, Tensor) and not isinstance(x, nn.Parameter) and x.dim() >= 2 and x.shape[0] == s:
-            return "linear_t", x, 1.0
-        return None
-    if name == "einsum" and not kwargs and len(args) >= 2 and isinstance(args[0], str):
-        ops = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-        spec = _einsum_grad_spec(args[0], ops, p, s)
-        return None if spec is None else ("einsum", ops[1 - [o is p for o in ops].index(True)], spec)
-    if name == "expand" and args[0] is p and p.dim() >= 1:
-        shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
-        if not kwargs and len(shape) >= 1 and shape[0] == s and (len(shape) > p.dim() or p.shape[0] == 1):
-            return "expand", p, 1.0
-    return None
-
-
-def _conv_rows_family(positions: int) -> str:
-    """``"grouped"`` or ``"unfold"``: how :class:`_ConvForm` materialises per-sample rows."""
-    return "grouped" if positions >= _GROUPED_CONV_MIN_POSITIONS else "unfold"
-
-
 class Strategy(str, Enum):
     """How :func:`modular_ntk` computes per-module Grams.
 
@@ -402,236 +254,6 @@ def _sample(args: tuple[Any, ...], kwargs: dict[str, Any], i: int) -> tuple[tupl
     return a, k
 
 
-# --------------------------------------------------------------------------- layer support
-def _layer_kind(m: nn.Module, attr: str, in_mha: bool) -> tuple[str | None, str]:
-    """(kind, reason): kind ∈ linear/conv2d/embedding/layernorm/batchnorm, or None + why not."""
-    if in_mha:
-        return None, "inside nn.MultiheadAttention (its out_proj.forward never runs)"
-    if attr not in ("weight", "bias"):
-        return None, f"parameter {attr!r} is not a weight/bias"
-    t = type(m)
-    if isinstance(m, nn.Linear) and t.forward is nn.Linear.forward:
-        return "linear", ""
-    st = structure_of(m)
-    if st is not None and st.linear is not None:  # declared affine layer (HF Conv1D: W [in, out])
-        return ("linear" if st.linear == "out_in" else "linear_t"), ""
-    if isinstance(m, nn.Conv2d) and t.forward is nn.Conv2d.forward:
-        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str) and m.padding != "valid":
-            return "conv_any", ""  # grouped / depthwise, reflect / replicate / circular, 'same'
-        return "conv2d", ""
-    if isinstance(m, nn.Conv1d) and t.forward is nn.Conv1d.forward:
-        return "conv_any", ""
-    if isinstance(m, nn.GroupNorm) and t.forward is nn.GroupNorm.forward:
-        return "groupnorm", ""
-    if isinstance(m, nn.Embedding) and t.forward is nn.Embedding.forward:
-        if m.max_norm is not None or m.scale_grad_by_freq:
-            return None, "Embedding with max_norm / scale_grad_by_freq"
-        return "embedding", ""
-    if isinstance(m, nn.LayerNorm) and t.forward is nn.LayerNorm.forward:
-        return "layernorm", ""
-    if isinstance(m, _BatchNorm) and t.forward is _BatchNorm.forward:
-        return "batchnorm", ""
-    return None, f"{t.__name__} has no per-sample gradient rule"
-
-
-@dataclass
-class _Owner:
-    name: str
-    module: nn.Module
-    attr: str
-    kind: str | None
-    reason: str
-
-
-def _owners(model: nn.Module) -> dict[int, list[_Owner]]:
-    """id(parameter) → every (module, attribute) that holds it (tied weights: several), with the
-    hook rule of each."""
-    in_mha: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, nn.MultiheadAttention):
-            in_mha.update(id(c) for c in m.modules())
-    out: dict[int, list[_Owner]] = {}
-    for pid, owners in param_owners(model).items():
-        out[pid] = [_Owner(o.name or "<root>", o.module, o.attr, *_layer_kind(o.module, o.attr, id(o.module) in in_mha))
-                    for o in owners]
-    return out
-
-
-# --------------------------------------------------------------------------- per-sample uses
-class _Use:
-    """One use of a parameter by one layer call; yields per-sample gradient rows."""
-
-    def rows(self, r0: int, r1: int) -> Tensor:  # [N, r1-r0, *shape[1:]]
-        raise NotImplementedError
-
-    flops_per_row: int = 0
-
-
-class _Direct(_Use):
-    def __init__(self, g: Tensor) -> None:
-        self.g = g  # [N, *shape]
-
-    def rows(self, r0: int, r1: int) -> Tensor:
-        return self.g[:, r0:r1]
-
-
-class _LinearForm(_Use):
-    """Weight ``[O, *in_shape]`` applied as ``y_l = W a_l``: a [N, L, I], δ [N, L, O]."""
-
-    def __init__(self, a: Tensor, d: Tensor, shape: torch.Size) -> None:
-        self._a = a
-        self.d = d
-        self.shape = shape
-        n, length, o = d.shape
-        self.n, self.length, self.fan_out = n, length, o
-        self.fan_in = int(math.prod(shape[1:]))
-        self.flops_per_row = 2 * n * length * self.fan_in
-
-    @property
-    def a(self) -> Tensor:
-        return self._a
-
-    def rows(self, r0: int, r1: int) -> Tensor:
-        g = torch.bmm(self.d[:, :, r0:r1].transpose(1, 2), self.a)
-        return g.view(self.n, r1 - r0, *self.shape[1:])
-
-
-class _ConvForm(_LinearForm):
-    """Conv2d weight: per-sample gradients by unfold + bmm, or by the grouped-conv weight
-    gradient (groups = N) on large maps; the token-Gram form uses the unfolded patches."""
-
-    def __init__(self, x: Tensor, d4: Tensor, conv: nn.Conv2d, shape: torch.Size) -> None:
-        self.x = x  # [N, Cin, H, W]
-        self.d4 = d4  # [N, Cout, Ho, Wo]
-        self.conv = conv
-        _n, _cout, _ho, _wo = d4.shape
-        super().__init__(None, d4.flatten(2).transpose(1, 2), shape)  # type: ignore[arg-type]
-        self._unfolded: Tensor | None = None
-
-    @property
-    def a(self) -> Tensor:
-        if self._unfolded is None:
-            self._unfolded = unfold(self.x, self.conv).transpose(1, 2)  # [N, L, Cin·kh·kw]
-        return self._unfolded
-
-    def patch_gram_cost(self) -> tuple[int, bool]:
-        """(FLOPs, from_raw) of the token Gram K[(i,l),(j,m)] = patch_il · patch_jm: from the
-        raw-activation Gram plus kh·kw shifted adds when cheaper than from unfolded patches."""
-        n, c, h, w = self.x.shape
-        nl = n * self.length
-        unfolded = 2 * nl * nl * self.fan_in
-        kh, kw = self.conv.kernel_size
-        raw_elems = (n * h * w) ** 2
-        raw = 2 * raw_elems * c + kh * kw * nl * nl
-        return (raw, True) if raw < unfolded and raw_elems <= 4 * _BUDGET else (unfolded, False)
-
-    def patch_gram(self) -> Tensor:
-        """K [N·L, N·L] from the raw-activation Gram R (no unfold, no padded copy):
-        K[i,y,x,j,y',x'] = Σ_{ky,kx} R[i, y·s+ky·d−p, x…, j, y'·s+ky·d−p, x'…] over the taps
-        inside the image (zero padding contributes nothing). R is laid out [h, w, N, h, w, N] so
-        that the shifted adds run over contiguous runs of N, then permuted to sample-major."""
-        n, c, h, w = self.x.shape
-        conv = self.conv
-        (kh, kw), (dh, dw), (sh, sw) = conv.kernel_size, conv.dilation, conv.stride
-        ph, pw = conv_padding_hw(conv)
-        xf = self.x.permute(2, 3, 0, 1).reshape(h * w * n, c)
-        r = (xf @ xf.T).view(h, w, n, h, w, n)
-        ho, wo = conv_output_hw(conv, h, w)
-        k = r.new_zeros(ho, wo, n, ho, wo, n)
-
-        def taps(k_: int, d: int, s: int, p: int, size: int, out: int) -> tuple[slice, slice] | None:
-            lo = max(0, -(-(p - k_ * d) // s))  # first output position whose input is inside
-            hi = min(out, (size - 1 + p - k_ * d) // s + 1)
-            if lo >= hi:
-                return None
-            start = lo * s + k_ * d - p
-            return slice(lo, hi), slice(start, start + (hi - lo - 1) * s + 1, s)
-
-        for ky in range(kh):
-            ty = taps(ky, dh, sh, ph, h, ho)
-            for kx in range(kw):
-                tx = taps(kx, dw, sw, pw, w, wo)
-                if ty is None or tx is None:
-                    continue
-                (oy, iy), (ox, ix) = ty, tx
-                k[oy, ox, :, oy, ox, :] += r[iy, ix, :, iy, ix, :]
-        return k.permute(2, 0, 1, 5, 3, 4).reshape(n * ho * wo, n * ho * wo)
-
-    def rows(self, r0: int, r1: int) -> Tensor:
-        if _conv_rows_family(self.length) != "grouped":
-            return super().rows(r0, r1)
-        c, n, r = self.conv, self.n, r1 - r0
-        cin = self.x.shape[1]
-        go = self.d4[:, r0:r1].reshape(1, n * r, *self.d4.shape[2:])
-        g = torch.nn.grad.conv2d_weight(
-            self.x.reshape(1, n * cin, *self.x.shape[2:]),
-            (n * r, cin, *c.kernel_size),
-            go,
-            stride=c.stride,
-            padding=conv_padding_hw(c),
-            dilation=c.dilation,
-            groups=n,
-        )
-        return g.view(n, r, *self.shape[1:])
-
-
-class _EmbeddingForm(_Use):
-    """Embedding weight [V, D]: per-sample gradient rows scatter δ at the sample's ids."""
-
-    def __init__(self, ids: Tensor, d: Tensor, padding_idx: int | None) -> None:
-        n = ids.shape[0]
-        self.ids = ids.reshape(n, -1)
-        self.d = d.reshape(n, self.ids.shape[1], -1)
-        if padding_idx is not None:
-            self.d = self.d * (self.ids != padding_idx).unsqueeze(-1).to(self.d.dtype)
-        self.n = n
-        self.sample = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(self.ids)
-
-    def rows(self, r0: int, r1: int) -> Tensor:
-        out = self.d.new_zeros(self.n, r1 - r0, self.d.shape[-1])
-        m = (self.ids >= r0) & (self.ids < r1)
-        out.index_put_((self.sample[m], self.ids[m] - r0), self.d[m], accumulate=True)
-        return out
-
-
-def _chunked_grams(
-    rows: Callable[[int, int], Tensor],
-    shape: torch.Size,
-    n: int,
-    slices: Sequence[tuple[int, ParamSlice]],
-    grams: Tensor,
-    budget: int,
-    flops_per_row: int = 0,
-) -> int:
-    """Accumulate slice Grams from per-sample gradient rows produced chunk by chunk along dim 0;
-    rows that no slice covers are never computed. Returns FLOPs."""
-    row_numel = int(math.prod(shape[1:]))
-    step = max(1, budget // max(1, n * row_numel))
-    flops = 0
-    r0 = 0
-    only_dim0 = all(s.dim == 0 for _, s in slices)
-    while r0 < shape[0]:
-        if only_dim0:  # jump to the next covered row
-            nxt = [max(r0, s.start) for _, s in slices if s.stop > r0]
-            if not nxt:
-                break
-            r0 = min(nxt)
-        r1 = min(shape[0], r0 + step)
-        local: list[SliceSpec] = []
-        for gi, s in slices:
-            if s.dim == 0:
-                a, b = max(s.start, r0), min(s.stop, r1)
-                if a < b:
-                    local.append((gi, 0, a - r0, b - r0))
-            else:
-                local.append((gi, s.dim, s.start, s.stop))
-        if local:
-            flops += flops_per_row * (r1 - r0)
-            flops += accumulate_slice_grams(rows(r0, r1), local, grams)
-        r0 = r1
-    return flops
-
-
 # --------------------------------------------------------------------------- hooks strategy
 @dataclass
 class _Call:
@@ -650,7 +272,7 @@ class _HookRun:
         self,
         model: nn.Module,
         s: int,
-        hook_params: dict[str, list[_Owner]],
+        hook_params: dict[str, list[Owner]],
         slices: dict[str, list[tuple[int, ParamSlice]]],
         params: dict[str, nn.Parameter],
         grams: Tensor,
@@ -789,7 +411,7 @@ class _HookRun:
         if id(t) in self.bcast:
             return self._capture_bcast(func, args, kwargs, pname, t)
         p = self.params[pname]
-        rule = _rule_of(func, args, kwargs, p, self.s)
+        rule = rule_of(func, args, kwargs, p, self.s)
         if rule is None:
             return None
         kind, x, sign = rule
@@ -801,7 +423,7 @@ class _HookRun:
         holder = nn.Module()  # stands for the op: holds the parameter as ``weight``
         holder.weight = p
         if kind == "embedding":
-            pad = _bind(func, args, kwargs).get("padding_idx")
+            pad = bind_args(func, args, kwargs).get("padding_idx")
             holder.padding_idx = None if pad is None else int(pad) % p.shape[0]
         self.holders.append(holder)
         self.module_params[id(holder)].append(("weight", pname))
@@ -821,7 +443,7 @@ class _HookRun:
 
     def _capture_bcast(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], pname: str, t: Tensor) -> Tensor | None:
         """``X ± E`` with E = embedding(ids [1, …]) broadcast over X's samples (see :meth:`capture`)."""
-        rule = _rule_of(func, args, kwargs, t, self.s)
+        rule = rule_of(func, args, kwargs, t, self.s)
         if rule is None or rule[0] != "shift":
             return None
         m, ids = self.bcast[id(t)]
@@ -860,7 +482,7 @@ class _HookRun:
         self.deferred.clear()
 
     # -- per-sample quantities of one call
-    def _uses(self, call: _Call, attr: str, j: int) -> _Use | None:
+    def _uses(self, call: _Call, attr: str, j: int) -> Use | None:
         g = call.grads.get(j)
         if g is None:
             return None
@@ -869,64 +491,64 @@ class _HookRun:
         m = call.module
         p = getattr(m, attr)
         if call.rows is not None and call.rows[0] == "packed":  # [n, …] → zero-padded [S, Lmax, …]
-            x, g = _pad_rows(x, g, call.rows[1], s)
+            x, g = pad_rows(x, g, call.rows[1], s)
         if call.kind in ("linear", "linear_t"):
             a, d = x.to(acc), g.to(acc)
             if call.rows is not None and call.rows[0] == "expert":
                 ctx, e = call.rows[1], call.rows[2]
-                a, d = _pad_rows(a, d, ctx["dispatch"][e] // ctx["T"], s)
+                a, d = pad_rows(a, d, ctx["dispatch"][e] // ctx["T"], s)
             else:
                 a, d = a.reshape(s, -1, a.shape[-1]), d.reshape(s, -1, d.shape[-1])
             if attr == "weight":
                 # W [in, out] (y = x W): the rows of its gradient Σ_l a_l δ_lᵀ are indexed by the
                 # inputs, so the same form with the roles of a and δ swapped
-                return _LinearForm(a, d, p.shape) if call.kind == "linear" else _LinearForm(d, a, p.shape)
-            return _Direct(d.sum(1))
+                return LinearForm(a, d, p.shape) if call.kind == "linear" else LinearForm(d, a, p.shape)
+            return Direct(d.sum(1))
         if call.kind == "conv2d":
             d4 = g.to(acc)
             if attr == "weight":
-                return _ConvForm(x.to(acc), d4, m, p.shape)  # type: ignore[arg-type]
-            return _Direct(d4.sum((2, 3)))
+                return ConvForm(x.to(acc), d4, m, p.shape)  # type: ignore[arg-type]
+            return Direct(d4.sum((2, 3)))
         if call.kind == "embedding":
-            return _EmbeddingForm(x, g.to(acc), m.padding_idx)  # type: ignore[arg-type]
+            return EmbeddingForm(x, g.to(acc), m.padding_idx)  # type: ignore[arg-type]
         if call.kind == "conv_any":
             d = g.to(acc)
             if attr == "bias":
-                return _Direct(d.sum(tuple(range(2, d.dim()))))
-            return _Direct(_conv_weight_per_sample(x.to(acc), d, m))  # type: ignore[arg-type]
+                return Direct(d.sum(tuple(range(2, d.dim()))))
+            return Direct(conv_weight_per_sample(x.to(acc), d, m))  # type: ignore[arg-type]
         if call.kind == "groupnorm":
             d = g.to(acc)
             red = tuple(range(2, d.dim()))
             if attr == "bias":
-                return _Direct(d.sum(red) if red else d)
+                return Direct(d.sum(red) if red else d)
             xh = F.group_norm(x.to(acc), m.num_groups, None, None, m.eps)  # type: ignore[arg-type]
-            return _Direct((d * xh).sum(red) if red else d * xh)
+            return Direct((d * xh).sum(red) if red else d * xh)
         if call.kind == "embedding_bcast":  # lookup E of ids [1, …] shifted into X [S, …]
-            d = _per_sample_sum_to(g.to(acc), call.rows[1]) * call.sign  # [S, 1, …, D]
+            d = per_sample_sum_to(g.to(acc), call.rows[1]) * call.sign  # [S, 1, …, D]
             d = d.reshape(s, *x.shape[1:], d.shape[-1])
-            return _EmbeddingForm(x.expand(s, *x.shape[1:]), d, m.padding_idx)  # type: ignore[arg-type]
+            return EmbeddingForm(x.expand(s, *x.shape[1:]), d, m.padding_idx)  # type: ignore[arg-type]
         if call.kind == "einsum":
-            return _Direct(torch.einsum(call.rows[1], g.to(acc), x.to(acc)))  # type: ignore[index]
+            return Direct(torch.einsum(call.rows[1], g.to(acc), x.to(acc)))  # type: ignore[index]
         if call.kind in ("shift", "scale", "expand"):  # P broadcast over the samples
             d = g.to(acc) if call.kind != "scale" else g.to(acc) * x.to(acc)
-            return _Direct(_per_sample_sum_to(d, p.shape) * call.sign)
+            return Direct(per_sample_sum_to(d, p.shape) * call.sign)
         if call.kind == "layernorm":
             ns = tuple(m.normalized_shape)  # type: ignore[attr-defined]
             d = g.to(acc).reshape(s, -1, *ns)
             if attr == "bias":
-                return _Direct(d.sum(1))
+                return Direct(d.sum(1))
             xh = F.layer_norm(x.to(acc), ns, None, None, m.eps).reshape(s, -1, *ns)  # type: ignore[arg-type]
-            return _Direct((d * xh).sum(1))
+            return Direct((d * xh).sum(1))
         if call.kind == "batchnorm":
             d = g.to(acc)
             red = tuple(range(2, d.dim()))
             if attr == "bias":
-                return _Direct(d.sum(red) if red else d)
+                return Direct(d.sum(red) if red else d)
             view = (1, -1) + (1,) * len(red)
             rm = m.running_mean.to(acc).view(view)  # type: ignore[union-attr]
             rv = m.running_var.to(acc).view(view)  # type: ignore[union-attr]
             xh = (x.to(acc) - rm) * torch.rsqrt(rv + m.eps)  # type: ignore[operator]
-            return _Direct((d * xh).sum(red) if red else d * xh)
+            return Direct((d * xh).sum(red) if red else d * xh)
         raise AssertionError(call.kind)
 
     # -- Gram of one parameter from all its uses
@@ -935,7 +557,7 @@ class _HookRun:
         calls = self.calls.pop(pname, [])
         slices = self.slices[pname]
         shape = self.params[pname].shape
-        per_pass: list[list[_Use]] = []
+        per_pass: list[list[Use]] = []
         for j in range(npass):
             uses = []
             for c in calls:
@@ -949,13 +571,13 @@ class _HookRun:
         if npass == 1:
             uses = per_pass[0]
             u0 = uses[0]
-            if len(uses) == 1 and isinstance(u0, _LinearForm):
+            if len(uses) == 1 and isinstance(u0, LinearForm):
                 dims = {s.dim for _, s in slices}
-                conv_ok = not isinstance(u0, _ConvForm) or dims == {0}
+                conv_ok = not isinstance(u0, ConvForm) or dims == {0}
                 if conv_ok and len(dims) == 1 and dims <= {0, 1}:
                     covered = sum(s.size * (int(math.prod(shape)) // shape[s.dim]) for _, s in slices)
                     dim = dims.pop()
-                    k_cost, raw = u0.patch_gram_cost() if isinstance(u0, _ConvForm) else (None, False)
+                    k_cost, raw = u0.patch_gram_cost() if isinstance(u0, ConvForm) else (None, False)
                     mat, con = linear_costs(u0.n, u0.length, u0.fan_in, u0.fan_out, covered, dim, k_cost)
                     if con < mat:
                         spec = [(gi, s.dim, s.start, s.stop) for gi, s in slices]
@@ -964,10 +586,10 @@ class _HookRun:
                         contract_linear_grams(a, u0.d, spec, self.grams, budget=_CONTRACT_BUDGET, k=k)
                         self.flops += con
                         return
-            if len(uses) == 1 and isinstance(u0, _EmbeddingForm):
-                self.flops += _embedding_compact(u0, slices, self.grams, self.budget)
+            if len(uses) == 1 and isinstance(u0, EmbeddingForm):
+                self.flops += embedding_compact(u0, slices, self.grams, self.budget)
                 return
-            if len(shape) == 1 and all(isinstance(u, _Direct) for u in uses) and all(sl.size == 1 for _, sl in slices):
+            if len(shape) == 1 and all(isinstance(u, Direct) for u in uses) and all(sl.size == 1 for _, sl in slices):
                 # one element per module (conv bias, BN / LN affine per filter or neuron): batch
                 # every such parameter with the same module list into one bmm at the end
                 g = uses[0].g
@@ -989,7 +611,7 @@ class _HookRun:
                 return out
 
             fpr = sum(u.flops_per_row for u in uses)
-            self.flops += _chunked_grams(rows, shape, self.s, slices, self.grams, self.budget, fpr)
+            self.flops += chunked_grams(rows, shape, self.s, slices, self.grams, self.budget, fpr)
             return
 
         def rows_k(r0: int, r1: int) -> Tensor:
@@ -1005,7 +627,7 @@ class _HookRun:
                 parts.append(out)
             return torch.stack(parts, 1).reshape(self.s * npass, r1 - r0, *shape[1:])
 
-        self.flops += _chunked_grams(rows_k, shape, self.s * npass, slices, self.grams, self.budget)
+        self.flops += chunked_grams(rows_k, shape, self.s * npass, slices, self.grams, self.budget)
 
 
 def _check_packed(run: _HookRun, z: Tensor, mask: Tensor | None) -> None:
@@ -1024,42 +646,6 @@ def _check_packed(run: _HookRun, z: Tensor, mask: Tensor | None) -> None:
             f"output_mask: packed logits with n = S = {run.s} rows but uneven positions per sample; layers "
             "after the gather cannot be told from per-sample ones — pass outputs [S, T, V] for this batch"
         )
-
-
-def _pad_rows(a: Tensor, d: Tensor, sample: Tensor, s: int) -> tuple[Tensor, Tensor]:
-    """Rows [n, ·] owned by samples ``sample`` (sorted) → zero-padded [S, Lmax, ·]."""
-    n = sample.numel()
-    if n == 0:
-        return a.new_zeros(s, 1, *a.shape[1:]), d.new_zeros(s, 1, *d.shape[1:])
-    counts = torch.bincount(sample, minlength=s)
-    offsets = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(n, device=a.device) - offsets[sample]
-    lmax = int(counts.max())
-    ap = a.new_zeros(s, lmax, *a.shape[1:])
-    dp = d.new_zeros(s, lmax, *d.shape[1:])
-    ap[sample, pos] = a
-    dp[sample, pos] = d
-    return ap, dp
-
-
-def _embedding_compact(u: _EmbeddingForm, slices: Sequence[tuple[int, ParamSlice]], grams: Tensor, budget: int) -> int:
-    """Embedding Grams over the rows the batch touches only (untouched rows have zero grads)."""
-    ids = u.ids
-    uniq, inv = torch.unique(ids, return_inverse=True)
-    n, d = u.n, u.d.shape[-1]
-    compact = u.d.new_zeros(n, uniq.numel(), d)
-    compact.index_put_((u.sample.reshape(-1), inv.reshape(-1)), u.d.reshape(-1, d), accumulate=True)
-    uh = uniq.cpu()
-    local: list[tuple[int, ParamSlice]] = []
-    for gi, s in slices:
-        if s.dim == 0:
-            a = int(torch.searchsorted(uh, s.start))
-            b = int(torch.searchsorted(uh, s.stop))
-            if a < b:
-                local.append((gi, ParamSlice(s.param, 0, a, b)))
-        else:
-            local.append((gi, s))
-    return _chunked_grams(lambda r0, r1: compact[:, r0:r1], compact.shape[1:], n, local, grams, budget)
 
 
 # --------------------------------------------------------------------------- functorch / brute
@@ -1251,9 +837,9 @@ def modular_ntk(
                 p.requires_grad_(saved[n])
         return ModularNTK(grams=grams, strategy=strat.value, **result)  # type: ignore[arg-type]
 
-    owners = _owners(model)
+    owners = owners_of(model)
     fallback: dict[str, str] = {}
-    hook_params: dict[str, list[_Owner]] = {}
+    hook_params: dict[str, list[Owner]] = {}
     no_rule: dict[str, str] = {}  # parameter → an owner without a layer rule, and why
     if strat is not Strategy.FUNCTORCH:
         # capture by use: a parameter's owners with a layer rule are hooked; every other use of
@@ -1283,7 +869,7 @@ def modular_ntk(
             with torch.enable_grad():
                 # size N is only known after the forward for output="logits": allocate lazily
                 run = _HookRun(model, s, hook_params, slices, params, torch.empty(0, dtype=acc, device=device),
-                               stream=output == "sum_logits", budget=_BUDGET)
+                               stream=output == "sum_logits", budget=BUDGET)
                 if output == "sum_logits":
                     grams = torch.zeros(len(part), s, s, dtype=acc, device=device)
                     run.grams = grams
@@ -1356,7 +942,7 @@ def modular_ntk(
             grams = torch.zeros(len(part), nn_, nn_, dtype=acc, device=device)
         for pname, g in pg.items():
             gg = g.reshape(nn_, *params[pname].shape).to(acc)
-            _chunked_grams(lambda r0, r1, gg=gg: gg[:, r0:r1], gg.shape[1:], nn_, todo[pname], grams, _BUDGET)
+            chunked_grams(lambda r0, r1, gg=gg: gg[:, r0:r1], gg.shape[1:], nn_, todo[pname], grams, BUDGET)
     assert grams is not None
     if strat is Strategy.FUNCTORCH:
         used = "functorch"
