@@ -172,3 +172,67 @@ def test_engine_and_partition_import_nothing_from_the_zoo() -> None:
             "bad = sorted(m for m in sys.modules if m.startswith('ntkit.models')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class Top2MoE(nn.Module):
+    """A Mixtral-style MoE written by a user: top-2 routing with renormalised softmax weights,
+    each token to two experts; it records which flat tokens each expert received."""
+
+    def __init__(self, d: int = 6, n_experts: int = 4) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d, n_experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 8), nn.Tanh(), nn.Linear(8, d)) for _ in range(n_experts))
+        self.routed: list[Tensor] = []
+        self.seq_len = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        w, idx = self.gate(flat).softmax(-1).topk(2, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        self.routed, self.seq_len = [], t
+        for e, expert in enumerate(self.experts):
+            tok, slot = (idx == e).nonzero(as_tuple=True)
+            tok, slot = tok.flip(0), slot.flip(0)  # any order: the engine must not assume sorted
+            self.routed.append(tok)
+            if tok.numel():
+                out = out.index_add(0, tok, expert(flat[tok]) * w[tok, slot, None])
+        return out.view(b, t, d)
+
+
+class MoENet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.moe = Top2MoE()
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.moe(self.emb(ids))).mean(1))
+
+
+def test_a_declared_user_moe_is_partitioned_and_hooked_exactly() -> None:
+    from ntkit import structure
+
+    torch.manual_seed(0)
+    net = MoENet().double().eval()
+    ids = torch.randint(0, 11, (5, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(Exception, match="MoE experts"):
+        P.moe_experts(net)  # undeclared: the builder does not guess
+    try:
+        declare(Top2MoE, experts=lambda m: list(m.experts), router=lambda m: m.gate,
+                dispatch=lambda m: (m.routed, m.seq_len))
+        part = P.moe_experts(net)
+        assert part.names == [f"moe.expert{e}" for e in range(4)]
+        for output in ("sum_logits", "logits"):
+            ref = modular_ntk(net, ids, part, strategy="brute_force", output=output).grams
+            got = modular_ntk(net, ids, part, output=output)
+            assert got.strategy == "hooks" and got.fallback_layers == [], got.fallback_layers
+            assert rel(got.grams, ref) <= 1e-10
+        every = P.layers(net)  # router and experts whole, with the rest
+        got = modular_ntk(net, ids, every)
+        assert rel(got.grams, modular_ntk(net, ids, every, strategy="brute_force").grams) <= 1e-10
+        assert got.fallback_layers == []
+    finally:
+        structure._REGISTRY.pop(Top2MoE, None)

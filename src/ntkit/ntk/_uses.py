@@ -256,10 +256,14 @@ def chunked_grams(
 
 
 def pad_rows(a: Tensor, d: Tensor, sample: Tensor, s: int) -> tuple[Tensor, Tensor]:
-    """Rows [n, ·] owned by samples ``sample`` (sorted) → zero-padded [S, Lmax, ·]."""
+    """Rows [n, ·] owned by samples ``sample`` (any order: a declared MoE dispatch need not be
+    sorted) → zero-padded [S, Lmax, ·]."""
     n = sample.numel()
     if n == 0:
         return a.new_zeros(s, 1, *a.shape[1:]), d.new_zeros(s, 1, *d.shape[1:])
+    if n > 1 and bool((sample[1:] < sample[:-1]).any()):
+        order = torch.argsort(sample, stable=True)
+        sample, a, d = sample[order], a[order], d[order]
     counts = torch.bincount(sample, minlength=s)
     offsets = torch.cumsum(counts, 0) - counts
     pos = torch.arange(n, device=a.device) - offsets[sample]
