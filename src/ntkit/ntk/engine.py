@@ -380,12 +380,7 @@ class _HookRun:
             call = _Call(m, kind, x.detach(), rows)
             for _, pname in self.module_params[id(m)]:
                 self.calls[pname].append(call)
-            if not out.requires_grad:
-                if self.leaf is None:
-                    self.leaf = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
-                out = out + self.leaf.to(out.dtype)
-            out.register_hook(lambda g, c=call: self._on_grad(c, g))
-            return out
+            return self._traced(out, call)
 
         return hook
 
@@ -434,12 +429,7 @@ class _HookRun:
         keep = x.detach() if kind in ("linear", "linear_t", "embedding", "scale", "einsum") else x.new_empty(0)
         call = _Call(holder, kind, keep, rows, sign=sign)
         self.calls[pname].append(call)
-        if not out.requires_grad:
-            if self.leaf is None:
-                self.leaf = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
-            out = out + self.leaf.to(out.dtype)
-        out.register_hook(lambda g, c=call: self._on_grad(c, g))
-        return out
+        return self._traced(out, call)
 
     def _capture_bcast(self, func: Any, args: Sequence[Any], kwargs: dict[str, Any], pname: str, t: Tensor) -> Tensor | None:
         """``X ± E`` with E = embedding(ids [1, …]) broadcast over X's samples (see :meth:`capture`)."""
@@ -452,6 +442,11 @@ class _HookRun:
             return out
         call = _Call(m, "embedding_bcast", ids, ("bcast", t.shape), sign=rule[2])
         self.calls[pname].append(call)
+        return self._traced(out, call)
+
+    def _traced(self, out: Tensor, call: _Call) -> Tensor:
+        """``out`` with a hook that records its gradient for ``call`` (frozen weights: an output
+        that needs no gradient is joined to a zero leaf so the backward reaches it)."""
         if not out.requires_grad:
             if self.leaf is None:
                 self.leaf = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
