@@ -308,26 +308,13 @@ class _Masked(nn.Module):
         return fn() if fn is not None else torch.zeros(())
 
 
-def _slicing(partition: Partition, model: nn.Module) -> dict[str, tuple[int, Tensor]]:
-    """Covered param → (dim, group index per position along dim; −1 = no group)."""
-    out: dict[str, tuple[int, Tensor]] = {}
-    params = dict(model.named_parameters())
-    for pname, items in partition.param_slices().items():
-        dim = items[0][1].dim
-        seg = torch.full((params[pname].shape[dim],), -1, dtype=torch.long)
-        for gi, s in items:
-            seg[s.start : s.stop] = gi
-        out[pname] = (dim, seg)
-    return out
-
-
 def masked_params(model: nn.Module, partition: Partition, mask: Tensor) -> dict[str, Tensor]:
     """``{name: p · m[group]}`` for every parameter ``partition`` covers (positions no group owns
     keep factor 1); ``mask`` float [M], differentiable."""
     params = dict(model.named_parameters())
     ext = torch.cat([mask, mask.new_ones(1)])
     out = {}
-    for pname, (dim, seg) in _slicing(partition, model).items():
+    for pname, (dim, seg) in partition.group_index(model).items():
         p = params[pname]
         idx = torch.where(seg >= 0, seg, torch.full_like(seg, len(partition))).to(mask.device)
         shape = [1] * p.dim()
