@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from ntkit.errors import ConfigError, UnsupportedModelError
-from ntkit.partition import ModuleGroup, ParamSlice, Partition
+from ntkit.partition import ModuleGroup, ParamSlice, Partition, param_owners
 
 __all__ = [
     "StructureChange",
@@ -357,11 +357,7 @@ def remove_groups(
                 f"(supported: attention heads, MoE experts, conv filters, coupled channels)"
             )
         posts += rule(model, layer, mod, groups, plan)
-    owners: dict[int, int] = {}
-    for mod in model.modules():
-        for p in mod._parameters.values():
-            if p is not None:
-                owners[id(p)] = owners.get(id(p), 0) + 1
+    owners = {pid: len(os_) for pid, os_ in param_owners(model).items()}
     kept: dict[str, tuple[int, Tensor]] = {}
     also: dict[str, tuple[int, Tensor]] = {}
     touched: list[nn.Module] = []
