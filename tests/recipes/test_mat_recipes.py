@@ -52,7 +52,7 @@ def test_all_tiers_registered():
 
 def test_mat_bert_ci(tmp_path, data_dir):
     res = _run("mat-bert", tmp_path, data_dir)
-    assert [r["method"] for r in res["records"]] == ["vanilla", "rand", "multirate", "mat"]
+    assert [r["method"] for r in res["records"]] == ["vanilla", "rand", "multirate", "mat", "rand_replay"]
     _check_mat(res)
     van = res["records"][0]
     assert van["budgets"] == pytest.approx([f * van["train_flops"] for f in (0.25, 0.5, 0.75)])
@@ -60,7 +60,7 @@ def test_mat_bert_ci(tmp_path, data_dir):
     report = (tmp_path / "report.md").read_text()
     assert "paper: val_loss_at_10_pflops" in report and "MAT" in report and "offline" in report
     assert res["verdict"]["mat_beat_vanilla"] in (True, False)
-    assert set(res["aggregate"]) == {"vanilla", "rand", "multirate", "mat"}
+    assert set(res["aggregate"]) == {"vanilla", "rand", "multirate", "mat", "rand_replay"}
 
 
 def test_paper_columns_omitted_without_paper_numbers(tmp_path, data_dir):
@@ -83,6 +83,27 @@ def test_mat_vgg_ci(tmp_path, data_dir):
         assert len(r["compute_to_train_acc"]) == 2 and 0.0 <= r["test_acc"] <= 1.0
         assert set(r["module_kinds"]) == {"filter"}
     _check_mat(res)
+    by = {r["method"]: r for r in res["records"]}
+    # the paper's optimizer, Multirate split per layer, the replayed control with MAT's counts
+    assert by["mat"]["method_config"]["threshold_scope"] == "global"
+    assert by["multirate"]["method_config"]["per_layer"] is True
+    assert by["rand_replay"]["train_flops"] == by["mat"]["train_flops"]
+    for r in res["records"]:
+        paired = r["paired_test_acc_diff"]
+        assert paired == pytest.approx(r["test_acc"] - by["vanilla"]["test_acc"])
+        assert r["convergence_ratio_vs_baseline"] == pytest.approx(
+            r["convergence_flops"] / by["vanilla"]["convergence_flops"]
+        )
+
+
+def test_mat_vgg_tiers_use_the_papers_sgd():
+    from ntkit.recipes.mat_vgg import TIERS
+
+    for cfg in TIERS.values():
+        lp = cfg.loop
+        assert (lp.optimizer, lp.lr, lp.momentum, lp.weight_decay, lp.schedule) == ("sgd", 0.1, 0.9, 5e-4, "step")
+        assert lp.lr_milestones == (0.5, 0.75) and lp.lr_gamma == 0.1
+        assert cfg.methods["multirate"].config.per_layer
 
 
 def test_mat_prune_ci(tmp_path, data_dir):
@@ -102,7 +123,7 @@ def test_mat_scale_ci(tmp_path, data_dir):
 
 def test_demo_ci_needs_no_data_dir(tmp_path):
     res = _run("demo", tmp_path, None)
-    assert [r["method"] for r in res["records"]] == ["vanilla", "rand", "multirate", "mat"]
+    assert [r["method"] for r in res["records"]] == ["vanilla", "rand", "multirate", "mat", "rand_replay"]
     _check_mat(res)
 
 

@@ -676,13 +676,20 @@ def finalize(records: list[dict], budget_fracs: Sequence[float], baseline: str =
     """Fill the cross-method fields in place, per seed, against the ``baseline`` run of that seed:
     ``budgets`` (FLOPs = fractions × baseline training FLOPs), ``val_loss_at_budget``,
     ``target_val_loss`` (baseline's best val loss), ``compute_to_target_flops`` and
-    ``compute_ratio_vs_baseline``. Records without a baseline run of their seed get None."""
+    ``compute_ratio_vs_baseline`` (compute to the *baseline's* best); ``convergence_ratio_vs_baseline``
+    (each run's compute to its *own* best, ``convergence_flops``, over the baseline's — the paper's
+    "Computation" column); and the per-seed paired differences ``paired_test_loss_diff``,
+    ``paired_test_acc_diff``, ``paired_best_val_diff`` (run − baseline of the same seed, same init
+    and data order, so their mean ± std over seeds is the paired comparison). Records without a
+    baseline run of their seed get None."""
     by_seed: dict[int, dict] = {r["seed"]: r for r in records if r["method"] == baseline}
     for r in records:
         base = by_seed.get(r["seed"])
         if base is None:
             r.update(budgets=None, val_loss_at_budget=None, target_val_loss=None,
-                     compute_to_target_flops=None, compute_ratio_vs_baseline=None)
+                     compute_to_target_flops=None, compute_ratio_vs_baseline=None,
+                     convergence_ratio_vs_baseline=None, paired_test_loss_diff=None,
+                     paired_test_acc_diff=None, paired_best_val_diff=None)
             continue
         budgets = [f * base["train_flops"] for f in budget_fracs]
         r["budget_fracs"] = list(budget_fracs)
@@ -693,6 +700,15 @@ def finalize(records: list[dict], budget_fracs: Sequence[float], baseline: str =
         base_c = first_crossing(base["curve"], base["best_val_loss"])
         c = r["compute_to_target_flops"]
         r["compute_ratio_vs_baseline"] = None if c is None or not base_c else c / base_c
+        own, base_own = r.get("convergence_flops"), base.get("convergence_flops")
+        r["convergence_ratio_vs_baseline"] = own / base_own if own is not None and base_own else None
+        r["paired_test_loss_diff"] = _diff(r.get("test_loss"), base.get("test_loss"))
+        r["paired_test_acc_diff"] = _diff(r.get("test_acc"), base.get("test_acc"))
+        r["paired_best_val_diff"] = _diff(r.get("best_val_loss"), base.get("best_val_loss"))
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else float(a) - float(b)
 
 
 def compare(

@@ -16,7 +16,7 @@ import torch
 
 from ntkit.errors import check
 from ntkit.harness import ImageTask, LoopConfig, MethodEntry
-from ntkit.recipes._mat_mlm import mat_methods
+from ntkit.recipes._mat_mlm import budget_columns, mat_methods
 
 __all__ = ["ImageCompareConfig", "add_train_acc_compute", "build_image_task", "run_image_comparison"]
 
@@ -170,9 +170,13 @@ def run_image_comparison(cfg: ImageCompareConfig, out_dir: Path, data_dir: Path 
         (f"compute to train acc {round(100 * t)}%", "compute_to_train_acc", i, "flops")
         for i, t in enumerate(cfg.acc_thresholds)
     ]
+    cols += budget_columns(cfg.loop.budget_fracs)
     cols += [
         ("test top-1 (best-val ckpt)", "test_acc", None, "pct"),
+        ("Δ test top-1 vs vanilla (paired)", "paired_test_acc_diff", None, "pct"),
         ("best val loss", "best_val_loss", None, "num"),
+        ("compute to own best", "convergence_flops", None, "flops"),
+        ("own best: vs vanilla", "convergence_ratio_vs_baseline", None, "ratio"),
         ("compute to vanilla's best val", "compute_to_target_flops", None, "flops"),
         ("vs vanilla", "compute_ratio_vs_baseline", None, "ratio"),
         ("total compute", "total_flops", None, "flops"),
@@ -183,9 +187,13 @@ def run_image_comparison(cfg: ImageCompareConfig, out_dir: Path, data_dir: Path 
         f"Data: {note}.",
         (f"Model: {cfg.model}" + (f" width={cfg.width}" if cfg.model == "vgg16" else "") + f"; modules: {cfg.kind}s; "
          f"every method trained {cfg.loop.epochs} epochs × {records[0]['steps_per_epoch']} steps from the same "
-         "initial weights and data order; optimizer SlicedAdamW"
-         + (" (the paper's VGG runs use SGD 0.1 — ntkit.sparse provides a sliced AdamW only)."
-            if cfg.model == "vgg16" else ".")),
+         "initial weights and data order; optimizer "
+         + (f"SlicedSGD lr {cfg.loop.lr}, momentum {cfg.loop.momentum}, weight decay {cfg.loop.weight_decay}"
+            if cfg.loop.optimizer == "sgd" else f"SlicedAdamW lr {cfg.loop.lr}")
+         + f", schedule {cfg.loop.schedule}."),
+        ("'compute to own best' = FLOPs at each run's own best val loss (the paper's 'Computation'); "
+         "'Δ … (paired)' = run − vanilla of the same seed, mean ± std over seeds; rand_replay = random "
+         "modules with MAT's exact per-layer active counts at MAT's decision epochs (same seed)."),
         ("'compute to train acc X%' = executed FLOPs (incl. overhead) at the end of the first epoch whose running "
          "training accuracy reached X% (— = never)." + (f" {threshold_note}" if threshold_note else "")),
     ]

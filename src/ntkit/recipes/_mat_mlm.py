@@ -30,17 +30,26 @@ def mat_methods(
     interval: int = 8,
     rand_fraction: float = 0.5,
     multirate_k: int = 5,
-    labels: tuple[str, ...] = ("vanilla", "rand", "multirate", "mat"),
+    labels: tuple[str, ...] = ("vanilla", "rand", "multirate", "mat", "rand_replay"),
     per_layer: bool = False,
+    threshold_scope: str = "global",
+    probes: str = "fresh",
 ) -> dict[str, MethodEntry]:
-    """The MAT comparison of seed 000/001: vanilla, Rand, Multirate and MAT with these settings
-    (``per_layer``: Rand / Multirate draw within each layer, the VGG reading)."""
+    """The MAT comparison of seed 000/001 — vanilla, Rand, Multirate and MAT with these settings —
+    plus ``rand_replay``, the control with MAT's exact per-layer active counts (it must come after
+    "mat": :func:`ntkit.harness.compare` configures it from MAT's record of the same seed).
+
+    ``per_layer``: Rand / Multirate draw within each layer (the VGG reading: seed 000 §B.1
+    "Multirate randomly partitions the filters … by 50%/50% in each layer").
+    ``threshold_scope`` / ``probes``: MAT's readings (:class:`ntkit.methods.MATConfig`)."""
     spec = {
         "vanilla": {"method": "vanilla"},
         "rand": {"method": "rand", "fraction": rand_fraction, "per_layer": per_layer},
         "multirate": {"method": "multirate", "k": multirate_k, "per_layer": per_layer},
         "mat": {"method": "mat", "alpha": alpha, "beta": beta, "num_samples": num_samples,
-                "start_epoch": start_epoch, "interval": interval},
+                "start_epoch": start_epoch, "interval": interval, "threshold_scope": threshold_scope,
+                "probes": probes},
+        "rand_replay": {"method": "rand_replay", "source": "mat"},
     }
     return methods_of({lab: spec[lab] for lab in labels})
 
@@ -164,7 +173,9 @@ def budget_columns(fracs: tuple[float, ...]) -> list[tuple[str, str, int | None,
 #: The seed-table columns of mat-bert / mat-switch after the budget columns.
 MLM_COLUMNS: list[tuple[str, str, int | None, str]] = [
     ("test loss (best-val ckpt)", "test_loss", None, "num"),
-    ("compute to convergence", "convergence_flops", None, "flops"),
+    ("Δ test loss vs vanilla (paired)", "paired_test_loss_diff", None, "num"),
+    ("compute to own best", "convergence_flops", None, "flops"),
+    ("own best: vs vanilla", "convergence_ratio_vs_baseline", None, "ratio"),
     ("compute to vanilla's best val", "compute_to_target_flops", None, "flops"),
     ("vs vanilla", "compute_ratio_vs_baseline", None, "ratio"),
     ("mNTK overhead", "overhead_share", None, "pct2"),
@@ -196,7 +207,10 @@ def run_mlm_comparison(
         f"{cfg.loop.epochs} epochs × {records[0]['steps_per_epoch']} steps from the same initial weights and data order."),
         ("Compute = executed matmul/conv FLOPs (forward + partial backward + mNTK overhead); "
         "'compute to vanilla's best val' = FLOPs at which the val loss first reaches vanilla's best "
-        "val loss (linear between evaluations; — = never)."),
+        "val loss (linear between evaluations; — = never); 'compute to own best' = FLOPs at each run's own "
+        "best val loss (the paper's 'Computation'); 'Δ … (paired)' = run − vanilla of the same seed (same "
+        "init and data order), mean ± std over seeds. rand_replay = random modules with MAT's exact "
+        "per-layer active counts at MAT's decision epochs (same seed)."),
     ]
     doc = comparison_result(
         records, title=title, columns=cols, out_dir=out_dir, notes=notes,
