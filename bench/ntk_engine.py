@@ -91,7 +91,7 @@ __all__ = ["main", "run"]
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "ntk_engine.json"
 MODELS = ("bert_mini", "vgg16", "hf_bert_mini", "hf_gpt2_small")
-METHODS = ("fwd+bwd", "engine", "engine-full-logits", "loop", "loop-frozen", "functorch", "nngeometry", "neural-tangents")
+METHODS = ("fwd+bwd", "engine", "engine-unchecked", "engine-full-logits", "loop", "loop-frozen", "functorch", "nngeometry", "neural-tangents")
 
 
 @dataclass
@@ -177,6 +177,14 @@ def run_engine(c: Case) -> Tensor:
 
     inputs = c.inputs if c.mask is None else {"input_ids": c.inputs, "positions": c.mask}
     return modular_ntk(c.model, inputs, c.partition, output_mask=c.mask).grams
+
+
+def run_engine_unchecked(c: Case) -> Tensor:
+    """The engine without its self-check (``self_check=False``): the check's cost is the gap."""
+    from ntkit.ntk import modular_ntk
+
+    inputs = c.inputs if c.mask is None else {"input_ids": c.inputs, "positions": c.mask}
+    return modular_ntk(c.model, inputs, c.partition, output_mask=c.mask, self_check=False).grams
 
 
 def run_engine_full_logits(c: Case) -> Tensor:
@@ -291,6 +299,7 @@ if not _importable("nngeometry"):
 RUNNERS: dict[str, Callable[[Case], Any] | None] = {
     "fwd+bwd": run_fwdbwd,
     "engine": run_engine,
+    "engine-unchecked": run_engine_unchecked,
     "engine-full-logits": run_engine_full_logits,
     "loop": run_loop,
     "loop-frozen": lambda c: run_loop(c, frozen=True),
