@@ -272,7 +272,7 @@ def test_demo_compares_methods_and_prints_table(tmp_path: Path, capsys: pytest.C
         assert word in out
     res = json.loads((tmp_path / "results.json").read_text())["results"]
     methods = {r["method"] for r in res["records"]}
-    assert methods == {"vanilla", "mat", "rand", "multirate"}
+    assert methods == {"vanilla", "mat", "rand", "rand_replay", "multirate"}
     for r in res["records"]:
         assert r["backward_flops"] > r["forward_flops"] > 0
         assert 0.0 <= r["test_acc"] <= 1.0 and math.isfinite(r["test_loss"])
