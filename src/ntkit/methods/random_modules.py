@@ -38,6 +38,37 @@ from ntkit.partition import Partition
 __all__ = ["Rand", "RandConfig", "RandReplay", "RandReplayConfig"]
 
 
+class _DrawnActiveSet(TrainingMethod):
+    """What ``rand`` and ``rand_replay`` share: a drawn active set applied, recorded and, with
+    the generator, saved and restored."""
+
+    generator: torch.Generator
+    active: Tensor | None
+
+    def _use(self, ctx: LoopContext, active: Tensor, event: str) -> None:
+        assert self.partition is not None, "bind() first"
+        self.active = active
+        apply_active(self.controller, active)
+        names = self.partition.names
+        rec = {"event": event, "epoch": int(ctx.epoch),
+               "active": [names[i] for i in active.nonzero(as_tuple=True)[0].tolist()]}
+        self.history.append(rec)
+        ctx.log(rec)
+
+    def state_dict(self) -> dict:
+        st: dict[str, Any] = {**super().state_dict(), "generator": generator_state(self.generator)}
+        if self.active is not None:
+            st["active"] = bool_list(self.active)
+        return st
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        set_generator_state(self.generator, state["generator"])
+        if "active" in state:
+            self.active = torch.tensor(state["active"], dtype=torch.bool)
+            apply_active(self.controller, self.active)
+
+
 @dataclass
 class RandConfig:
     """Settings of the Rand baseline.
@@ -67,7 +98,7 @@ class RandConfig:
 
 
 @register_method("rand", config=RandConfig)
-class Rand(TrainingMethod):
+class Rand(_DrawnActiveSet):
     """Random ``fraction`` of modules active, redrawn at each epoch start.
 
     ``history`` gets one record per draw: ``{"event": "rand", "epoch", "active": [module, …]}``.
@@ -106,29 +137,8 @@ class Rand(TrainingMethod):
 
     def on_epoch_start(self, ctx: LoopContext) -> None:
         assert self.partition is not None, "bind() first"
-        self.active = self.draw()
-        apply_active(self.controller, self.active)
-        names = self.partition.names
-        rec = {
-            "event": "rand",
-            "epoch": int(ctx.epoch),
-            "active": [names[i] for i in self.active.nonzero(as_tuple=True)[0].tolist()],
-        }
-        self.history.append(rec)
-        ctx.log(rec)
+        self._use(ctx, self.draw(), "rand")
 
-    def state_dict(self) -> dict:
-        st: dict[str, Any] = {**super().state_dict(), "generator": generator_state(self.generator)}
-        if self.active is not None:
-            st["active"] = bool_list(self.active)
-        return st
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        set_generator_state(self.generator, state["generator"])
-        if "active" in state:
-            self.active = torch.tensor(state["active"], dtype=torch.bool)
-            apply_active(self.controller, self.active)
 
 
 @dataclass
@@ -165,7 +175,7 @@ class RandReplayConfig:
 
 
 @register_method("rand_replay", config=RandReplayConfig)
-class RandReplay(TrainingMethod):
+class RandReplay(_DrawnActiveSet):
     """Random control with MAT's exact per-layer active counts (issue 14's control).
 
     MAT's saving could come from training fewer modules per layer rather than from choosing them
@@ -237,26 +247,5 @@ class RandReplay(TrainingMethod):
         for d in self.config.schedule or []:
             if d["epoch"] != ctx.epoch:
                 continue
-            self.active = self.draw(d["active"])
-            apply_active(self.controller, self.active)
-            names = self.partition.names
-            rec = {
-                "event": "rand_replay",
-                "epoch": int(ctx.epoch),
-                "active": [names[i] for i in self.active.nonzero(as_tuple=True)[0].tolist()],
-            }
-            self.history.append(rec)
-            ctx.log(rec)
+            self._use(ctx, self.draw(d["active"]), "rand_replay")
 
-    def state_dict(self) -> dict:
-        st: dict[str, Any] = {**super().state_dict(), "generator": generator_state(self.generator)}
-        if self.active is not None:
-            st["active"] = bool_list(self.active)
-        return st
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        set_generator_state(self.generator, state["generator"])
-        if "active" in state:
-            self.active = torch.tensor(state["active"], dtype=torch.bool)
-            apply_active(self.controller, self.active)
