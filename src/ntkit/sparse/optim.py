@@ -14,7 +14,46 @@ from ntkit.sparse.controller import SparseController
 __all__ = ["SlicedAdamW", "SlicedSGD"]
 
 
-class SlicedAdamW(torch.optim.Optimizer):
+class _SlicedOptimizer(torch.optim.Optimizer):
+    """What :class:`SlicedAdamW` and :class:`SlicedSGD` share: parameters by name, the
+    controller handing over active gradient rows, and a step that updates sliced parameters on
+    their active rows (``_update_sliced``) and the others densely (``_update_dense``)."""
+
+    def __init__(self, model: nn.Module, ctl: SparseController, defaults: dict[str, Any]) -> None:
+        named = list(model.named_parameters())
+        self.ctl = ctl
+        self._name_of = {id(p): n for n, p in named}
+        super().__init__([p for _, p in named], defaults)
+        ctl.keep_grad_rows = True  # the backward hands over the active gradient rows it computed
+
+    def _update_dense(self, p: Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _update_sliced(self, p: Tensor, name: str, group: dict[str, Any], lr_scale: Tensor | None) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Any = None, lr_scale: Tensor | None = None) -> Any:  # type: ignore[override]
+        """One update. ``lr_scale``: optional float Tensor [M], a per-group multiplier of ``lr``
+        (shared parameters and unowned indices use 1)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        lr_scale = _check_lr_scale(lr_scale, len(self.ctl.partition))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                name = self._name_of[id(p)]
+                if name in self.ctl.slicings:
+                    self._update_sliced(p, name, group, lr_scale)
+                else:
+                    self._update_dense(p, group)
+        return loss
+
+
+class SlicedAdamW(_SlicedOptimizer):
     """Decoupled-weight-decay Adam (Loshchilov & Hutter) for partially trained models.
 
     Covered parameters (those a partition group slices) are updated only on the indices that are
@@ -54,14 +93,9 @@ class SlicedAdamW(torch.optim.Optimizer):
         check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "betas", betas, "two numbers in [0, 1)")
         check(eps >= 0, "eps", eps, "a number >= 0")
         check(weight_decay >= 0, "weight_decay", weight_decay, "a number >= 0")
-        named = list(model.named_parameters())
-        self.ctl = ctl
-        self._name_of = {id(p): n for n, p in named}
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-        super().__init__([p for _, p in named], defaults)
         # id(param) → (Idx, exp_avg rows, exp_avg_sq rows) gathered for the current active set
         self._compact: dict[int, tuple[Any, Tensor, Tensor]] = {}
-        ctl.keep_grad_rows = True  # the backward hands over the active gradient rows it computed
+        super().__init__(model, ctl, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
 
     def flush(self) -> None:
         """Write the gathered moments back into ``state`` (they stay valid for the next step)."""
@@ -80,25 +114,6 @@ class SlicedAdamW(torch.optim.Optimizer):
         self._compact.clear()  # the loaded moments replace the gathered ones
         super().load_state_dict(state_dict)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None, lr_scale: Tensor | None = None) -> Any:  # type: ignore[override]
-        """One update. ``lr_scale``: optional float Tensor [M], a per-group multiplier of ``lr``
-        (shared parameters and unowned indices use 1)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        lr_scale = _check_lr_scale(lr_scale, len(self.ctl.partition))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                name = self._name_of[id(p)]
-                if name in self.ctl.slicings:
-                    self._update_sliced(p, name, group, lr_scale)
-                else:
-                    self._update_dense(p, group)
-        return loss
 
     # ------------------------------------------------------------------------- updates
     def _init_state(self, p: Tensor, step_shape: tuple[int, ...]) -> dict[str, Tensor]:
@@ -208,7 +223,7 @@ def _slice_lr(lr: float, lr_scale: Tensor | None, sl: Any, idx: Any, shape: list
     return (lr * scale).view(shape)
 
 
-class SlicedSGD(torch.optim.Optimizer):
+class SlicedSGD(_SlicedOptimizer):
     """SGD with momentum and (coupled, L2) weight decay for partially trained models — the
     optimizer of the paper's VGG runs (seed 000 §B.1: "trained with SGD … initial learning rate of
     0.1"), whose NTK argument is about gradient descent.
@@ -249,32 +264,10 @@ class SlicedSGD(torch.optim.Optimizer):
         check(lr >= 0, "lr", lr, "a number >= 0")
         check(0 <= momentum < 1, "momentum", momentum, "a number in [0, 1)")
         check(weight_decay >= 0, "weight_decay", weight_decay, "a number >= 0")
-        named = list(model.named_parameters())
-        self.ctl = ctl
-        self._name_of = {id(p): n for n, p in named}
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        super().__init__([p for _, p in named], defaults)
-        ctl.keep_grad_rows = True  # the backward hands over the active gradient rows it computed
+        super().__init__(model, ctl, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: Any = None, lr_scale: Tensor | None = None) -> Any:  # type: ignore[override]
-        """One update. ``lr_scale``: optional float Tensor [M], a per-group multiplier of ``lr``
-        (shared parameters and unowned indices use 1)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        lr_scale = _check_lr_scale(lr_scale, len(self.ctl.partition))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                name = self._name_of[id(p)]
-                if name in self.ctl.slicings:
-                    self._update_sliced(p, name, group, lr_scale)
-                else:
-                    _sgd(p, p.grad, self._buffer(p, group), group, group["lr"])
-        return loss
+    def _update_dense(self, p: Tensor, group: dict[str, Any]) -> None:
+        _sgd(p, p.grad, self._buffer(p, group), group, group["lr"])
 
     def _buffer(self, p: Tensor, group: dict[str, Any]) -> Tensor | None:
         """The momentum buffer of ``p`` (zeros at first: 0·momentum + d = d bit for bit, torch's
