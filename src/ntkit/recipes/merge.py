@@ -204,6 +204,16 @@ def _value(rec: Mapping[str, Any], key: str, idx: int | None) -> float | None:
     return float(v)
 
 
+def _indexed_columns(
+    records: list[dict], key: str, labels: list[float], named: str, unnamed: str, fmt: str
+) -> list[tuple[str, str, int | None, str]]:
+    """One column per entry of the list field ``key`` (as long as its longest value): headed by
+    ``named`` with the percentage of ``labels[i]`` where known, else ``unnamed`` with ``i``."""
+    n = max((len(r.get(key) or []) for r in records), default=0)
+    return [(named.format(round(100 * labels[i])) if i < len(labels) else unnamed.format(i), key, i, fmt)
+            for i in range(n)]
+
+
 def _columns(
     runs: Sequence[_Run], records: Sequence[Mapping[str, Any]]
 ) -> list[tuple[str, str, int | None, str]]:
@@ -220,24 +230,10 @@ def _columns(
     first = records[0] if records else {}
     for spec in FALLBACK_COLUMNS:
         if spec[1] == "test_loss":  # the budget columns go first, as in the MLM seed tables
-            fracs = first.get("budget_fracs") or []
-            n = max((len(r.get("val_loss_at_budget") or []) for r in records), default=0)
-            for i in range(n):
-                head = (
-                    f"val loss @ {round(100 * fracs[i])}% vanilla compute"
-                    if i < len(fracs)
-                    else f"val loss @ budget {i}"
-                )
-                out.append((head, "val_loss_at_budget", i, "num"))
-            thr = first.get("acc_thresholds") or []
-            n = max((len(r.get("compute_to_train_acc") or []) for r in records), default=0)
-            for i in range(n):
-                head = (
-                    f"compute to train acc {round(100 * thr[i])}%"
-                    if i < len(thr)
-                    else f"compute to train acc #{i}"
-                )
-                out.append((head, "compute_to_train_acc", i, "flops"))
+            out += _indexed_columns(records, "val_loss_at_budget", first.get("budget_fracs") or [],
+                                    "val loss @ {}% vanilla compute", "val loss @ budget {}", "num")
+            out += _indexed_columns(records, "compute_to_train_acc", first.get("acc_thresholds") or [],
+                                    "compute to train acc {}%", "compute to train acc #{}", "flops")
         if any(_value(r, spec[1], spec[2]) is not None for r in records):
             out.append(spec)
     return out
