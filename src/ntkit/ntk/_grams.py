@@ -16,6 +16,10 @@ from torch import Tensor
 __all__ = ["SliceSpec", "accumulate_slice_grams", "add_to_groups", "contract_linear_grams", "linear_costs"]
 
 # (group index, parameter dim, start, stop) in the coordinates of the tensor they are applied to.
+# Elements of one [N, N, r] tile of the contraction: 2 MiB of float32 stays in cache; measured on
+# CPU (2 threads, N = 64, VGG's 4×4 / 2×2 layers) 4× faster than one [N, N, L, r] intermediate,
+# best of 2^17–2^21.
+_TILE = 1 << 19
 SliceSpec = tuple[int, int, int, int]
 
 
@@ -113,7 +117,7 @@ def contract_linear_grams(
         d: ``[N, L, O]`` output gradients.
         slices: ``(group, dim, start, stop)``; all with the same dim (0 or 1).
         grams: ``[M, N, N]`` accumulator.
-        budget: max elements of the ``[N, L, N, r]`` intermediate.
+        budget: max elements of one ``[N, N, r]`` tile (capped at ``_TILE``).
         k: precomputed token Gram ``[N·L, N·L]`` of ``a`` (row slices only).
     """
     if slices and slices[0][1] == 1:
@@ -124,20 +128,23 @@ def contract_linear_grams(
     if k is None:
         af = a.reshape(n * length, -1)
         k = af @ af.T
-    # K[(j,m), (i,l)] = a_jm · a_il, viewed per sample j: [N, L, N·L]
-    k = k.to(grams.dtype).view(n, length, n * length)
+    # K[(i,l), (j,m)] = a_il · a_jm as [i, l, j, m]; per position l the rows [j, i, m] (K symmetric)
+    kv = k.to(grams.dtype).view(n, length, n, length)
+    k_rows = [kv[:, l].transpose(0, 1) for l in range(length)]
     o = d.shape[2]
-    step = max(1, budget // max(1, n * length * n))
+    step = max(1, min(budget, _TILE) // max(1, n * n))
     for r0 in range(0, o, step):
         r1 = min(o, r0 + step)
         inside = [(gi, max(s, r0), min(e, r1)) for gi, _, s, e in slices if s < r1 and e > r0]
         if not inside:
             continue
         dc = d[:, :, r0:r1]  # [N, L, r]
-        # z[j, (i,l), r] = Σ_m K[(i,l),(j,m)] δ[j,m,r]  (K symmetric)
-        z = torch.bmm(k.transpose(1, 2), dc).view(n, n, length, r1 - r0)
-        # per_row[r, i, j] = Σ_l δ[i,l,r] z[j,i,l,r]
-        per_row = z.mul_(dc.unsqueeze(0)).sum(2).permute(2, 1, 0)
+        # acc[j, i, r] = Σ_l δ[i,l,r] Σ_m K[(i,l),(j,m)] δ[j,m,r], one position l at a time: each
+        # term is a [N, N, r] tile (no [N, N, L, r] intermediate; the tile stays in cache)
+        acc = torch.bmm(k_rows[0], dc).mul_(dc[:, 0])
+        for l in range(1, length):
+            acc.addcmul_(torch.bmm(k_rows[l], dc), dc[:, l])
+        per_row = acc.permute(2, 1, 0)  # [r, i, j]
         if all(e - s == 1 for _, s, e in inside):  # one row per slice (neurons, filters): vectorised
             rows = [s - r0 for _, s, _ in inside]
             if rows == list(range(rows[0], rows[0] + len(rows))):
