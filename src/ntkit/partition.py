@@ -594,7 +594,9 @@ def attention_heads(model: nn.Module) -> Partition:
 
     * any layer whose class declares ``heads`` (:func:`ntkit.structure.declare`): HF GPT-2's
       fused ``c_attn`` Conv1D (head h: its q, k, v columns and ``c_attn.bias`` entries, rows
-      ``[h·dh, (h+1)·dh)`` of ``c_proj.weight``) and your own layers.
+      ``[h·dh, (h+1)·dh)`` of ``c_proj.weight``), timm's ViT ``Attention`` (fused ``qkv``
+      Linear: head h's q, k, v rows of ``qkv.weight`` / ``qkv.bias``, columns
+      ``[h·dh, (h+1)·dh)`` of ``proj.weight``) and your own layers.
 
     Raises UnsupportedModelError when the model has no such modules.
     """

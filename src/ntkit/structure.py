@@ -21,8 +21,8 @@ A declaration is a promise about the math: the engine's self-check still compare
 attributes with autograd and recomputes a module whose declaration is wrong, naming it.
 
 The declarations for third-party layers ntkit knows (Hugging Face GPT-2's ``Conv1D`` and its
-fused-QKV attention) are at the end of this module; the zoo declares its layers where they are
-defined (:mod:`ntkit.models.layers`).
+fused-QKV attention; timm's ViT fused-QKV attention) are at the end of this module; the zoo declares
+its layers where they are defined (:mod:`ntkit.models.layers`).
 """
 
 from __future__ import annotations
@@ -122,5 +122,28 @@ def _gpt2_heads(m: nn.Module) -> list[list[HeadSlice]]:
     return heads
 
 
+def _timm_vit_heads(m: nn.Module) -> list[list[HeadSlice]]:
+    """timm ViT attention (``timm.models.vision_transformer.Attention``): ``qkv`` is an
+    ``nn.Linear`` with W [3·D, D] whose rows are [q | k | v], each block ``num_heads · head_dim``
+    rows, head-major (its forward reshapes the output to [B, N, 3, H, dh]); ``proj`` W [D, D] takes
+    head h's outputs in columns h·dh:(h+1)·dh. Head h owns its q, k and v rows of ``qkv.weight``
+    (and of ``qkv.bias`` when ``qkv_bias=True``) and those columns of ``proj.weight``; ``proj.bias``
+    is shared. With ``qk_norm=True`` the ``q_norm`` / ``k_norm`` LayerNorms act on head_dim with one
+    weight shared by all heads: they are not split per head (no head owns them)."""
+    n, dh = int(m.num_heads), int(m.head_dim)
+    qkv, proj = m.qkv, m.proj
+    block = n * dh
+    heads = []
+    for h in range(n):
+        rows = [(j * block + h * dh, j * block + (h + 1) * dh) for j in range(3)]
+        slices = [HeadSlice(qkv.weight, 0, a, b) for a, b in rows]
+        if qkv.bias is not None:
+            slices += [HeadSlice(qkv.bias, 0, a, b) for a, b in rows]
+        slices.append(HeadSlice(proj.weight, 1, h * dh, (h + 1) * dh))
+        heads.append(slices)
+    return heads
+
+
 declare("transformers.pytorch_utils.Conv1D", linear="in_out")
 declare("transformers.models.gpt2.modeling_gpt2.GPT2Attention", heads=_gpt2_heads)
+declare("timm.models.vision_transformer.Attention", heads=_timm_vit_heads)
