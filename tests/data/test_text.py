@@ -252,3 +252,23 @@ def test_collator(wikitext: MLMData) -> None:
     assert b["input_ids"].shape == (16, 128)
     with pytest.raises(ConfigError, match="prob=1.5"):
         mask_tokens(last, mask_id=4, vocab_size=10, prob=1.5)
+
+
+def test_unigram_floor_is_the_cross_entropy_of_train_frequencies() -> None:
+    """Hand-computed: train holds ids 5 (×3) and 6 (×1) beside specials; val holds 5, 6, 7 once each.
+    Add-½ smoothing over the maskable ids 1, 5, 6, 7 → counts 0.5, 3.5, 1.5, 0.5."""
+    import math
+
+    from ntkit.data.text import MLMData
+
+    train = torch.tensor([[5, 5, 5, 6, 0, 2]])
+    val = torch.tensor([[5, 6, 7, 3, 0, 0]])
+    data = MLMData(train=train, val=val, test=val, tokenizer=None, vocab_size=8, pad_id=0, mask_id=4,  # type: ignore[arg-type]
+                   name="toy", split_note="", token_counts={}, special_ids=(0, 2, 3, 4))
+    total = 3.5 + 1.5 + 0.5 + 0.5
+    want = -(math.log(3.5 / total) + math.log(1.5 / total) + math.log(0.5 / total)) / 3
+    assert abs(data.unigram_floor("val") - want) < 1e-12
+    assert abs(data.unigram_floor("val", blocks=1) - want) < 1e-12
+    # the train split against itself: its own entropy under the smoothed frequencies
+    own = -(3 * math.log(3.5 / total) + math.log(1.5 / total)) / 4
+    assert abs(data.unigram_floor("train") - own) < 1e-12

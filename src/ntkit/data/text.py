@@ -137,6 +137,26 @@ class MLMData:
             generator=generator,
         )
 
+    def unigram_floor(self, split: str = "val", blocks: int = 0) -> float:
+        """Cross-entropy in nats, on the maskable tokens of ``split`` (its first ``blocks``
+        blocks; 0 = all), of the train split's token frequencies (add-½ smoothing over the
+        maskable vocabulary): the loss of the best context-free MLM predictor. A model whose
+        validation loss is not clearly below it has learned nothing beyond token frequencies."""
+        check(split in ("val", "test", "train"), "split", split, "val, test or train")
+        special = torch.tensor(self.special_ids)
+
+        def tokens(t: Tensor) -> Tensor:
+            t = t.reshape(-1)
+            return t[~torch.isin(t, special)]
+
+        counts = torch.bincount(tokens(self.train), minlength=self.vocab_size).double() + 0.5
+        counts[special] = 0.0
+        logp = (counts / counts.sum()).log()
+        target = getattr(self, split)
+        target = tokens(target[:blocks] if blocks else target)
+        check(target.numel() > 0, "split", split, "a split with maskable tokens")
+        return float(-logp[target].mean())
+
     def __repr__(self) -> str:
         return (
             f"MLMData(name={self.name!r}, blocks={len(self.train)}/{len(self.val)}/{len(self.test)} x "

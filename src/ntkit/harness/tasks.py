@@ -107,6 +107,8 @@ class MLMTask(Task):
         aux_weight: weight of the model's load-balancing loss (Switch: 0.01; dense: ignored).
         eval_seed: seed of the fixed evaluation masks.
         routing_dependent: True for MoE models.
+        unigram_floor: validation loss (nats) of the best context-free predictor (the train
+            split's token frequencies), recorded by reports; None if unknown.
     """
 
     metric = "loss"
@@ -125,8 +127,10 @@ class MLMTask(Task):
         aux_weight: float = 0.0,
         eval_seed: int = 1234,
         routing_dependent: bool = False,
+        unigram_floor: float | None = None,
     ) -> None:
         self.name = name
+        self.unigram_floor = unigram_floor
         self.train = train
         self.num_train = int(train.shape[0])
         self._build = build

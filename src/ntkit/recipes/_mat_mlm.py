@@ -158,10 +158,25 @@ def build_mlm_task(cfg: MLMCompareConfig, data_dir: Path | None) -> tuple[MLMTas
         collate=collate,
         aux_weight=cfg.aux_weight if cfg.model == "switch_mlm" else 0.0,
         routing_dependent=cfg.model == "switch_mlm",
+        unigram_floor=data.unigram_floor("val", cfg.val_blocks),
     )
     note = (f"{data.split_note}; T={cfg.seq_len}, WordPiece vocab {data.vocab_size}; blocks used "
-            f"train/val/test = {task.num_train}/{len(task._eval['val'][0])}/{len(task._eval['test'][0])}")
+            f"train/val/test = {task.num_train}/{len(task._eval['val'][0])}/{len(task._eval['test'][0])}; "
+            f"unigram floor (val cross-entropy of the train token frequencies) {task.unigram_floor:.3f} nats")
     return task, note
+
+
+def floor_note(records: list[dict], floor: float | None, baseline: str = "vanilla") -> str:
+    """How far below the unigram floor each seed's baseline got: a comparison of methods means
+    something only once the baseline has learned more than token frequencies (issue: ≥ 0.5 nat)."""
+    if floor is None:
+        return "Unigram floor: unknown."
+    gaps = [(r["seed"], floor - r["best_val_loss"]) for r in records
+            if r["method"] == baseline and r.get("best_val_loss") is not None]
+    shown = ", ".join(f"seed {s}: {g:+.3f}" for s, g in sorted(gaps)) or "no baseline run"
+    regime = ("learned beyond token frequencies" if gaps and min(g for _, g in gaps) >= 0.5
+              else "**within 0.5 nat of the floor: the comparison says little about learning**")
+    return f"Unigram floor {floor:.3f} nats; {baseline}'s best val loss below it ({shown}): {regime}."
 
 
 def budget_columns(fracs: tuple[float, ...]) -> list[tuple[str, str, int | None, str]]:
@@ -212,10 +227,11 @@ def run_mlm_comparison(
         "init and data order), mean ± std over seeds. rand_replay = random modules with MAT's exact "
         "per-layer active counts at MAT's decision epochs (same seed)."),
     ]
+    notes.append(floor_note(records, task.unigram_floor))
     doc = comparison_result(
         records, title=title, columns=cols, out_dir=out_dir, notes=notes,
         paper=find_paper_numbers(cfg.paper_numbers, data_dir), paper_key=paper_key,
         paper_rows=paper_rows, mat_label=mat_label,
-        extra={"split_note": note},
+        extra={"split_note": note, "unigram_floor": task.unigram_floor},
     )
     return doc
