@@ -28,9 +28,10 @@ plain forward+backward. Measured (``bench/ntk_engine.py``, CPU, 2 threads, S = 6
 positions only (packed outputs): 132 GFLOP against 171 for fwd+bwd (also packed), 0.85× its
 time (the forward and the input-gradient backward are ≈ 85% of the engine's time; with logits at
 all T positions, as torch.func needs them, 191 GFLOP, a third of them in the 8000-word decoder);
-VGG-16 filters (P = 14.7 M, every conv / BN parameter): 111 against 120 GFLOP but 1.87× the
-time, the per-sample gradients of the 8×8 layers (GEMMs with inner dimension L = 64) and the
-memory-bound Gram updates being slower per FLOP than oneDNN convolutions.
+VGG-16 filters (P = 14.7 M, every conv / BN parameter): 111 against 120 GFLOP but 1.28–1.37× the
+time (1.44–1.48× with the self-check), the per-sample gradients of the 8×8 layers (GEMMs with
+inner dimension L = 64) and the 4×4 contraction (inner dimension 16) being slower per FLOP than
+oneDNN convolutions. GPT-2-small (HF, 124 M, S = 64, T = 128): 0.78×.
 
 The S-pass loop costs S forward+backward passes of batch 1 (≈ the FLOPs of one batched pass, at
 batch-1 efficiency) plus S reads of the full gradients; ``vmap(grad)`` pays per-sample full
