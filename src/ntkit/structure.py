@@ -102,6 +102,23 @@ def structure_of(module: nn.Module) -> Structure | None:
 
 
 # --------------------------------------------------------------------------- third-party layers
+def _fused_qkv_heads(n: int, dh: int, qkv_w: Tensor, qkv_dim: int, qkv_b: Tensor | None, out_w: Tensor,
+                     out_dim: int) -> list[list[HeadSlice]]:
+    """Heads of a fused [q | k | v] projection (each block ``n · dh`` wide along ``qkv_dim`` of the
+    weight, head-major) and an output projection taking head h's outputs at h·dh:(h+1)·dh along
+    ``out_dim``: head h owns its q, k and v slices of the weight and bias and its output slice."""
+    block = n * dh
+    heads = []
+    for h in range(n):
+        spans = [(j * block + h * dh, j * block + (h + 1) * dh) for j in range(3)]
+        slices = [HeadSlice(qkv_w, qkv_dim, a, b) for a, b in spans]
+        if qkv_b is not None:
+            slices += [HeadSlice(qkv_b, 0, a, b) for a, b in spans]
+        slices.append(HeadSlice(out_w, out_dim, h * dh, (h + 1) * dh))
+        heads.append(slices)
+    return heads
+
+
 def _gpt2_heads(m: nn.Module) -> list[list[HeadSlice]]:
     """HF GPT-2 attention (``GPT2Attention``): ``c_attn`` is a ``Conv1D`` with W [d, 3d] whose
     columns are [q | k | v], each block ``num_heads · head_dim`` columns, head-major; ``c_proj``
@@ -109,17 +126,7 @@ def _gpt2_heads(m: nn.Module) -> list[list[HeadSlice]]:
     are not split."""
     if getattr(m, "is_cross_attention", False):
         return []
-    n, dh = int(m.num_heads), int(m.head_dim)
-    c_attn, c_proj = m.c_attn, m.c_proj
-    block = n * dh
-    heads = []
-    for h in range(n):
-        cols = [(j * block + h * dh, j * block + (h + 1) * dh) for j in range(3)]
-        slices = [HeadSlice(c_attn.weight, 1, a, b) for a, b in cols]
-        slices += [HeadSlice(c_attn.bias, 0, a, b) for a, b in cols]
-        slices.append(HeadSlice(c_proj.weight, 0, h * dh, (h + 1) * dh))
-        heads.append(slices)
-    return heads
+    return _fused_qkv_heads(int(m.num_heads), int(m.head_dim), m.c_attn.weight, 1, m.c_attn.bias, m.c_proj.weight, 0)
 
 
 def _timm_vit_heads(m: nn.Module) -> list[list[HeadSlice]]:
@@ -130,18 +137,7 @@ def _timm_vit_heads(m: nn.Module) -> list[list[HeadSlice]]:
     (and of ``qkv.bias`` when ``qkv_bias=True``) and those columns of ``proj.weight``; ``proj.bias``
     is shared. With ``qk_norm=True`` the ``q_norm`` / ``k_norm`` LayerNorms act on head_dim with one
     weight shared by all heads: they are not split per head (no head owns them)."""
-    n, dh = int(m.num_heads), int(m.head_dim)
-    qkv, proj = m.qkv, m.proj
-    block = n * dh
-    heads = []
-    for h in range(n):
-        rows = [(j * block + h * dh, j * block + (h + 1) * dh) for j in range(3)]
-        slices = [HeadSlice(qkv.weight, 0, a, b) for a, b in rows]
-        if qkv.bias is not None:
-            slices += [HeadSlice(qkv.bias, 0, a, b) for a, b in rows]
-        slices.append(HeadSlice(proj.weight, 1, h * dh, (h + 1) * dh))
-        heads.append(slices)
-    return heads
+    return _fused_qkv_heads(int(m.num_heads), int(m.head_dim), m.qkv.weight, 0, m.qkv.bias, m.proj.weight, 1)
 
 
 declare("transformers.pytorch_utils.Conv1D", linear="in_out")

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from _engine_checks import assert_engine_exact, rel
 from torch import Tensor, nn
 
 from ntkit import partition as P
@@ -16,10 +17,6 @@ from ntkit.ntk import modular_ntk
 from ntkit.structure import declare, structure_of
 
 T = pytest.importorskip("transformers")
-
-
-def rel(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 class Logits(nn.Module):
@@ -78,16 +75,7 @@ BUILDERS = {"heads": P.attention_heads, "layers": P.layers, "filters": P.conv_fi
 def test_hf_models_equal_brute_force(name: str, pname: str) -> None:
     model, x = _hf(name)
     model = model.double().eval()
-    part = BUILDERS[pname](model)
-    ref = modular_ntk(model, x, part, strategy="brute_force").grams
-    got = modular_ntk(model, x, part)
-    assert rel(got.grams, ref) <= 1e-10, (name, pname, got.fallback_layers)
-    expected = CASES[name][pname]
-    assert len(got.fallback_layers) == len(expected), got.fallback_layers
-    for want, seen in zip(expected, got.fallback_layers):
-        assert want in seen, got.fallback_layers
-    if not expected:
-        assert got.strategy == "hooks"
+    assert_engine_exact(model, x, BUILDERS[pname](model), CASES[name][pname], (name, pname))
 
 
 def test_gpt2_heads_come_from_the_declared_fused_qkv() -> None:

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _engine_checks import assert_engine_exact
 from _torchvision_stub import import_timm
 from torch import Tensor, nn
 
 from ntkit import partition as P
-from ntkit.ntk import modular_ntk
 
 
 @pytest.fixture(scope="module")
 def timm():
     return import_timm()
-
-
-def rel(a: Tensor, b: Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 VIT = {"img_size": 16, "patch_size": 4, "embed_dim": 16, "depth": 2, "num_heads": 2, "mlp_ratio": 1.5, "num_classes": 5}
@@ -66,16 +62,7 @@ BUILDERS = {
 @pytest.mark.parametrize(("name", "pname"), [(n, p) for n, ps in CASES.items() for p in ps])
 def test_timm_models_equal_brute_force(timm, name: str, pname: str) -> None:
     model, x = _timm(timm, name)
-    part = BUILDERS[pname](model, x)
-    ref = modular_ntk(model, x, part, strategy="brute_force").grams
-    got = modular_ntk(model, x, part)
-    assert rel(got.grams, ref) <= 1e-10, (name, pname, got.fallback_layers)
-    expected = CASES[name][pname]
-    assert len(got.fallback_layers) == len(expected), got.fallback_layers
-    for want, seen in zip(expected, got.fallback_layers):
-        assert want in seen, got.fallback_layers
-    if not expected:
-        assert got.strategy == "hooks"
+    assert_engine_exact(model, x, BUILDERS[pname](model, x), CASES[name][pname], (name, pname))
 
 
 @pytest.mark.parametrize("name", ["vit", "vit_qknorm"])
