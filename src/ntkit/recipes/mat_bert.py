@@ -4,7 +4,7 @@ vanilla vs Rand vs Multirate vs MAT at equal steps, data order and initial weigh
 Offline, the WikiText-2 train split is absent: the data module trains on the first 90 % of the
 valid split and validates on the rest (the split note is printed in every report).
 
-Tiers: ``ci`` (seconds, tests), ``quick`` (bert_mlm mini, T=64, WordPiece vocab 2000, one seed),
+Tiers: ``ci`` (seconds, tests), ``quick`` (bert_mlm mini, T=64, WordPiece vocab 2000, no dropout, one seed),
 ``cpu`` (mini, T=128, 3 seeds), ``paper`` (seed 000 Table 4: 12 layers / 12 heads / H768, T=512,
 batch 8, lr 2e-4 linear decay, 12k steps; α=0.1, β=1e-3, S=64, from epoch 5 every 8 epochs).
 
@@ -14,7 +14,9 @@ once vanilla has learned more than token frequencies. With WordPiece vocab 8000 
 (val cross-entropy of the train frequencies) is 6.705 nats and vanilla sat on it (6.703 after 600
 steps at lr 2e-3; 6.713 after 1200 steps at lr 1e-3 in the previous quick run); with vocab 2000
 the floor is 6.175 and vanilla was 0.32 nat below it after 600 steps at lr 1e-3 (lr 2e-3 was
-slower: 6.232 against 6.102 at step 200). MAT evaluates after epochs 3 and 8 of 12 (25% and 67%
+slower: 6.232 against 6.102 at step 200). Over the tier's 12 × 100 steps vanilla reached 5.745
+(0.43 below the floor) with dropout 0.1 and 5.719 (0.46 below) with dropout 0, which the tier
+uses: short of the 0.5 nat the issue asks, within the ≤ 20-minute budget. MAT evaluates after epochs 3 and 8 of 12 (25% and 67%
 of training, as the issue reads the paper's schedule; the paper: after epochs 5, 13, 21 of 24).
 """
 
@@ -37,7 +39,7 @@ TIERS = {
     # vocab 2000 and MAT's evaluations after epochs 3 and 8 (25% / 67% of training): see the
     # module docstring for how the regime was chosen
     "quick": MLMCompareConfig(
-        size="mini", seq_len=64, vocab_size=2000, val_blocks=256, test_blocks=512,
+        size="mini", seq_len=64, vocab_size=2000, val_blocks=256, test_blocks=512, dropout=0.0,
         methods=mat_methods(0.1, num_samples=64, start_epoch=3, interval=5),
         loop=LoopConfig(epochs=12, batch_size=16, lr=1e-3, steps_per_epoch=100, eval_every=100, warmup_steps=100),
     ),
