@@ -57,6 +57,17 @@ def test_bench_backward_quick_exits_0_with_ratio_table(tmp_path: Path, capsys: p
         assert any(line.startswith(case) and " 50% " in line for line in text.splitlines()), case
 
 
+def test_bench_pruned_quick_exits_0_with_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "pruned.json"
+    assert main(["bench", "pruned", "--quick", "--reps", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert [r["case"] for r in doc["results"]] == ["bert_small_heads_75", "vgg16_filters_50"]
+    for r in doc["results"]:
+        assert r["params"]["pruned"] < r["params"]["dense"] and 0 < r["flop_ratio"] < 1, r
+        assert f"{r['case']}: params" in text and "FLOP ratio" in text
+
+
 @pytest.mark.parametrize(
     "ret, code", [("None", 0), ("0", 0), ("3", 3), ("{'ratio': 1.5}", 0), ("True", 0)]
 )

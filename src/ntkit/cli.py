@@ -32,7 +32,7 @@ from ntkit.errors import ConfigError, NtkitError
 __all__ = ["BENCHES", "build_parser", "main"]
 
 #: ``ntkit bench <name>`` → script under the repository's ``bench/`` folder.
-BENCHES = {"ntk": "ntk_engine.py", "backward": "partial_backward.py", "ntt": "ntt_step.py"}
+BENCHES = {"ntk": "ntk_engine.py", "backward": "partial_backward.py", "ntt": "ntt_step.py", "pruned": "pruned_step.py"}
 
 _KINDS = ("models", "datasets", "methods", "recipes")
 _TIERS = ("ci", "quick", "cpu", "paper")
