@@ -170,21 +170,14 @@ def run_fwdbwd(c: Case) -> None:
         p.grad = None
 
 
-def run_engine(c: Case) -> Tensor:
+def run_engine(c: Case, self_check: bool = True) -> Tensor:
     """The engine as MAT calls it: for MLM the model returns packed logits at the masked
-    positions only (``positions=mask``), which vmap cannot trace (data-dependent shape)."""
+    positions only (``positions=mask``), which vmap cannot trace (data-dependent shape).
+    ``self_check=False`` (``engine-unchecked``): the check's cost is the gap between the two."""
     from ntkit.ntk import modular_ntk
 
     inputs = c.inputs if c.mask is None else {"input_ids": c.inputs, "positions": c.mask}
-    return modular_ntk(c.model, inputs, c.partition, output_mask=c.mask).grams
-
-
-def run_engine_unchecked(c: Case) -> Tensor:
-    """The engine without its self-check (``self_check=False``): the check's cost is the gap."""
-    from ntkit.ntk import modular_ntk
-
-    inputs = c.inputs if c.mask is None else {"input_ids": c.inputs, "positions": c.mask}
-    return modular_ntk(c.model, inputs, c.partition, output_mask=c.mask, self_check=False).grams
+    return modular_ntk(c.model, inputs, c.partition, output_mask=c.mask, self_check=self_check).grams
 
 
 def run_engine_full_logits(c: Case) -> Tensor:
@@ -299,7 +292,7 @@ if not _importable("nngeometry"):
 RUNNERS: dict[str, Callable[[Case], Any] | None] = {
     "fwd+bwd": run_fwdbwd,
     "engine": run_engine,
-    "engine-unchecked": run_engine_unchecked,
+    "engine-unchecked": lambda c: run_engine(c, self_check=False),
     "engine-full-logits": run_engine_full_logits,
     "loop": run_loop,
     "loop-frozen": lambda c: run_loop(c, frozen=True),

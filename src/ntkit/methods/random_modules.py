@@ -140,7 +140,6 @@ class Rand(_DrawnActiveSet):
         self._use(ctx, self.draw(), "rand")
 
 
-
 @dataclass
 class RandReplayConfig:
     """Settings of the replayed random control (``rand_replay``).
