@@ -44,6 +44,10 @@ def test_pl_bert_ci_prunes_heads_and_reports_the_winner(tmp_path: Path) -> None:
     res = _run("pl-bert", tmp_path)
     _check(res, ["plreg"], {"plreg": 0.5})  # tiny BERT: 4 heads in 2 layers, protection keeps 2
     assert "train PPL @ep2" in next(iter(res["tables"].values()))[0]
+    # the dense model's distance to the unigram floor is stated, as in the mat-* MLM reports
+    assert res["unigram_floor"] > 0 and any(n.startswith("Unigram floor") for n in res["notes"])
+    # the pruned step is timed against the dense step of the same call
+    assert all(r["dense_step_s"] > 0 and r["final_step_s"] > 0 for r in res["records"])
 
 
 @needs_data
