@@ -52,13 +52,11 @@ def test_equals_torch_sgd_on_active_slices_and_leaves_the_rest(build, hp) -> Non
     ref = {n: p.detach().clone() for n, p in m.named_parameters()}
     ref_buf = {n: torch.zeros_like(p) for n, p in ref.items()}
     gen = torch.Generator().manual_seed(1)
-    for step in range(5):
-        active = (
-            torch.ones(len(part), dtype=torch.bool)
-            if step == 0
-            else torch.rand(len(part), generator=gen) < 0.5
-        )
-        ctl.set_active(active)
+    active = torch.ones(len(part), dtype=torch.bool)
+    for step in range(7):
+        if step % 2 == 1:  # a set lasts two steps: the second reuses the gathered momentum rows
+            active = torch.rand(len(part), generator=gen) < 0.5
+            ctl.set_active(active)
         masks = part.element_masks(m, active)
         opt.zero_grad(set_to_none=True)
         _backward(m, x, step)
@@ -76,6 +74,7 @@ def test_equals_torch_sgd_on_active_slices_and_leaves_the_rest(build, hp) -> Non
             if hp["momentum"]:
                 ref_buf[name][mk] = o.state[leaf]["momentum_buffer"]
         opt.step()
+        opt.flush()  # gathered momentum rows back into state (kept compact while a set lasts)
         for name, p in m.named_parameters():
             assert torch.equal(p.detach(), ref[name]), (step, name)
             if hp["momentum"]:
