@@ -35,7 +35,9 @@ def _mat(script, monkeypatch, **kw) -> tuple[MAT, FakeController]:
     monkeypatch.setattr(scores, "ntk_lambda_max", ScriptedLambda(script))
     part = make_partition(LAYOUT)
     ctl = FakeController(len(part))
-    cfg = {"alpha": {"head": 0.25, "expert": 0.5}, "beta": 0.0, "start_epoch": 1, "interval": 1}
+    # hand-computed with λ_α over each kind's modules in all layers
+    cfg = {"alpha": {"head": 0.25, "expert": 0.5}, "beta": 0.0, "start_epoch": 1, "interval": 1,
+           "threshold_scope": "global"}
     mat = MAT({**cfg, "num_samples": 2, **kw})
     mat.bind(torch.nn.Linear(1, 1), part, ctl)
     return mat, ctl
@@ -167,7 +169,8 @@ def test_failed_eigendecomposition_counts_every_measured_module_nonfinite(monkey
     monkeypatch.setattr(scores, "ntk_lambda_max", flaky)
     part = make_partition(LAYOUT)
     ctl = FakeController(len(part))
-    mat = MAT(alpha={"head": 0.25, "expert": 0.5}, beta=0.0, start_epoch=1, interval=1, num_samples=2)
+    mat = MAT(alpha={"head": 0.25, "expert": 0.5}, beta=0.0, start_epoch=1, interval=1, num_samples=2,
+              threshold_scope="global")
     mat.bind(torch.nn.Linear(1, 1), part, ctl)
     _evaluate(mat, 0)
     before, prev = mat.active.clone(), mat.prev_lmax.clone()
@@ -190,7 +193,7 @@ def test_other_engine_errors_are_not_swallowed(monkeypatch):
 
     monkeypatch.setattr(scores, "ntk_lambda_max", broken)
     part = make_partition(LAYOUT)
-    mat = MAT(alpha=0.5, start_epoch=1, interval=1, num_samples=2)
+    mat = MAT(alpha=0.5, start_epoch=1, interval=1, num_samples=2, threshold_scope="global")
     mat.bind(torch.nn.Linear(1, 1), part, FakeController(len(part)))
     with pytest.raises(RuntimeError, match="a bug"):
         _evaluate(mat, 0)
@@ -218,7 +221,8 @@ def test_mat_on_a_diverged_tiny_bert_keeps_its_decision():
     model = tiny_bert()
     part = attention_heads(model)
     ctl = attach(model, part)
-    mat = build_method("mat", alpha={"head": 0.5}, beta=0.0, start_epoch=1, interval=1, num_samples=4)
+    mat = build_method("mat", alpha={"head": 0.5}, beta=0.0, start_epoch=1, interval=1, num_samples=4,
+                       threshold_scope="global")
     mat.bind(model, part, ctl)
     ctx = LoopContext(model=model, ntk_batch=lambda s, g: mlm_batch(s, torch.Generator().manual_seed(1)))
     _no_warning(mat.on_epoch_end, ctx)

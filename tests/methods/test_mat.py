@@ -51,7 +51,8 @@ def test_mat_hand_computed_decisions(monkeypatch):
     monkeypatch.setattr(scores, "ntk_lambda_max", stub)
     part = make_partition(SMALL)
     ctl = FakeController(len(part))
-    mat = MAT(alpha={"head": 0.25, "expert": 0.5}, beta=1e-3, start_epoch=2, interval=3, num_samples=4)
+    mat = MAT(alpha={"head": 0.25, "expert": 0.5}, beta=1e-3, start_epoch=2, interval=3, num_samples=4,
+              threshold_scope="global")  # λ_α over each kind's modules in all layers (the hand computation)
     mat.bind(torch.nn.Linear(1, 1), part, ctl)
     ctx = make_ctx()
     log: list = []
@@ -79,7 +80,7 @@ def test_mat_alpha_per_kind_and_ungoverned_kinds(monkeypatch):
     monkeypatch.setattr(scores, "ntk_lambda_max", stub)
     part = make_partition(SMALL)
     ctl = FakeController(len(part))
-    mat = MAT(alpha={"head": 0.0}, start_epoch=1, interval=1, num_samples=2, protect=False)
+    mat = MAT(alpha={"head": 0.0}, start_epoch=1, interval=1, num_samples=2, protect=False, threshold_scope="global")
     mat.bind(torch.nn.Linear(1, 1), part, ctl)
     ctx = make_ctx()
     mat.on_epoch_end(ctx)
@@ -89,7 +90,7 @@ def test_mat_alpha_per_kind_and_ungoverned_kinds(monkeypatch):
     # without protection, a layer may end with no active module
     stub2 = ScriptedLambda([_table(1, 5, 9, 2, 3, 10, 20, 40)])
     monkeypatch.setattr(scores, "ntk_lambda_max", stub2)
-    mat2 = MAT(alpha=0.5, start_epoch=1, interval=1, num_samples=2, protect=False)
+    mat2 = MAT(alpha=0.5, start_epoch=1, interval=1, num_samples=2, protect=False, threshold_scope="global")
     ctl2 = FakeController(len(part))
     mat2.bind(torch.nn.Linear(1, 1), part, ctl2)
     mat2.on_epoch_end(ctx)

@@ -159,7 +159,8 @@ def test_mat_on_tiny_switch_decides_heads_and_experts_separately():
     model = switch_mlm("tiny", num_experts=4, vocab_size=VOCAB, max_len=8, dropout=0.0)
     part = Partition(list(attention_heads(model).groups) + list(moe_experts(model).groups))
     ctl = attach(model, part)
-    method = build_method("mat", alpha={"head": 0.1, "expert": 0.2}, start_epoch=1, interval=1, num_samples=6)
+    method = build_method("mat", alpha={"head": 0.1, "expert": 0.2}, start_epoch=1, interval=1, num_samples=6,
+                          threshold_scope="global")
     method.bind(model, part, ctl)
     model.train()  # MAT switches to eval for the measurement (SwitchFFN capacity couples samples)
     ctx = LoopContext(model=model, ntk_batch=lambda s, g: mlm_batch(s, g))

@@ -146,7 +146,7 @@ def test_mat_prune_prunes_by_lambda_then_runs_mat(monkeypatch):
     monkeypatch.setattr(scores, "ntk_lambda_max", stub)
     part = make_partition(LAYOUT)
     ctl = FakeController(len(part))
-    m = MATPrune(prune_epoch=2, start_epoch=2, interval=2, num_samples=2)
+    m = MATPrune(prune_epoch=2, start_epoch=2, interval=2, num_samples=2, threshold_scope="global")
     assert m.config.alpha == {"head": 0.2} and m.config.prune_fraction == 0.5
     m.bind(torch.nn.Linear(1, 1), part, ctl)
     run_epochs(m, make_ctx(), range(4))

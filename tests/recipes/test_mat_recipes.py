@@ -85,7 +85,7 @@ def test_mat_vgg_ci(tmp_path, data_dir):
     _check_mat(res)
     by = {r["method"]: r for r in res["records"]}
     # the paper's optimizer, Multirate split per layer, the replayed control with MAT's counts
-    assert by["mat"]["method_config"]["threshold_scope"] == "global"
+    assert by["mat"]["method_config"]["threshold_scope"] == "layer"
     assert by["multirate"]["method_config"]["per_layer"] is True
     assert by["rand_replay"]["train_flops"] == by["mat"]["train_flops"]
     for r in res["records"]:

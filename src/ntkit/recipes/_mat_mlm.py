@@ -32,7 +32,7 @@ def mat_methods(
     multirate_k: int = 5,
     labels: tuple[str, ...] = ("vanilla", "rand", "multirate", "mat", "rand_replay"),
     per_layer: bool = False,
-    threshold_scope: str = "global",
+    threshold_scope: str = "layer",
     probes: str = "fresh",
 ) -> dict[str, MethodEntry]:
     """The MAT comparison of seed 000/001 — vanilla, Rand, Multirate and MAT with these settings —
