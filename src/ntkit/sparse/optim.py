@@ -22,7 +22,7 @@ class _SlicedOptimizer(torch.optim.Optimizer):
     updated together by ``torch._foreach_*`` kernels (``_apply``: one call per operation for all
     parameters instead of one per parameter and operation — a quarter-width VGG-16 has 57
     parameters, most of them 16–128-element BN and bias vectors, where the per-call cost is the
-    step), and gathered rows are written back (``Job.write_back``). A job whose learning rate or
+    step), and gathered rows are written back (``_Job.write_back``). A job whose learning rate or
     step count differs per row (``lr_scale``, SlicedAdamW's per-slice counts after a set change)
     is updated on its own, with the same arithmetic."""
 
@@ -48,19 +48,24 @@ class _SlicedOptimizer(torch.optim.Optimizer):
         """The per-element state tensors kept compact (gathered) while an active set lasts."""
         raise NotImplementedError
 
+    def _release(self, p: Tensor, d: int) -> None:
+        """Write ``p``'s gathered state rows (if any) back into ``state`` and forget them."""
+        cached = self._compact.pop(id(p), None)
+        if cached is not None:
+            old, *rows = cached
+            for key, r in zip(self._state_keys(), rows):
+                old.put(self.state[p][key], d, r)
+
     def _rows(self, p: Tensor, idx: Any, d: int) -> list[Tensor]:
         """The state rows of ``p`` for active set ``idx`` (non-contiguous, along dim ``d``): the
         compact copies when the set is unchanged since the last step; otherwise the old compact rows
         are written back and the new ones gathered. The caller stores them in ``_compact``."""
-        st = self.state[p]
-        cached = self._compact.pop(id(p), None)
-        if cached is not None:
-            old, *rows = cached
-            if old is idx:
-                return rows
-            for key, r in zip(self._state_keys(), rows):
-                old.put(st[key], d, r)
-        return [idx.take(st[key], d) for key in self._state_keys()]
+        cached = self._compact.get(id(p))
+        if cached is not None and cached[0] is idx:
+            del self._compact[id(p)]
+            return list(cached[1:])
+        self._release(p, d)
+        return [idx.take(self.state[p][key], d) for key in self._state_keys()]
 
     def flush(self) -> None:
         """Write the gathered state rows back into ``state`` (they stay valid for the next step)."""
@@ -208,10 +213,7 @@ class SlicedAdamW(_SlicedOptimizer):
             step = torch.from_numpy(steps).to(device=p.device, dtype=torch.float64).view(shape)
         d = sl.dim
         if idx is None or idx.contiguous:  # views: updated in place
-            if (cached := self._compact.pop(id(p), None)) is not None:  # the set changed: rows back first
-                old, m_rows, v_rows = cached
-                old.put(st["exp_avg"], d, m_rows)
-                old.put(st["exp_avg_sq"], d, v_rows)
+            self._release(p, d)  # a set with gathered rows before: they go back first
             ts = [p, p.grad, st["exp_avg"], st["exp_avg_sq"]]
             return _Job(ts if idx is None else [idx.take(t, d) for t in ts], step, lr)
         m, v = self._rows(p, idx, d)
@@ -366,9 +368,7 @@ class SlicedSGD(_SlicedOptimizer):
         lr = _slice_lr(group["lr"], lr_scale, sl, idx, shape)
         d = sl.dim
         if idx is None or idx.contiguous:  # views: updated in place
-            if (cached := self._compact.pop(id(p), None)) is not None:  # the set changed: rows back first
-                old, b_rows = cached
-                old.put(buf, d, b_rows)
+            self._release(p, d)  # a set with gathered rows before: they go back first
             ts = [p, p.grad] + ([] if buf is None else [buf])
             return _Job(ts if idx is None else [idx.take(t, d) for t in ts], 0, lr)
         w = idx.take(p, d)
