@@ -574,13 +574,12 @@ def _mlm_tiers(family: str, kinds: str, model: str, kind: str, ratio: float, ext
                              methods=m(t=2, num_samples=32, track_samples=32, gate_steps=2, gate_batch=8),
                              loop=LoopConfig(epochs=6, batch_size=16, lr=5e-4, steps_per_epoch=100, eval_every=100,
                                              warmup_steps=50)),
-        # cpu: the quick regime over 3 seeds (mean ± std) with the paper's sample count and more gate
-        # steps, sized for about an hour per recipe on a 2-core machine at one thread per run (the
-        # earlier cpu tier, T = 128 with vocab 8000 for 1500 steps, needed ~6 h per recipe there and
-        # left the dense model on the unigram floor)
+        # cpu: the quick regime over 3 seeds (mean ± std), sized for about an hour per recipe on a
+        # 2-core machine at one thread per run (the earlier cpu tier, T = 128 with vocab 8000 for
+        # 1500 steps, needed ~6 h per recipe there and left the dense model on the unigram floor)
         "cpu": PLMLMConfig(size="mini", seq_len=32, vocab_size=2000, dropout=0.0, val_blocks=192, test_blocks=384,
                            train_eval_blocks=192, seeds=(0, 1, 2), report_epochs=(2, 4, 6), **sw,
-                           methods=m(t=2, num_samples=64, track_samples=32, gate_steps=4, gate_batch=8),
+                           methods=m(t=2, num_samples=32, track_samples=32, gate_steps=2, gate_batch=8),
                            loop=LoopConfig(epochs=6, batch_size=16, lr=5e-4, steps_per_epoch=100, eval_every=100,
                                            warmup_steps=50)),
         "paper": PLMLMConfig(size="base", seq_len=512, vocab_size=30000, seeds=(0, 1, 2), report_epochs=(16, 20, 30),
