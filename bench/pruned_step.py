@@ -8,6 +8,12 @@ time falls with the executed FLOPs. Cases (seed 002's settings):
   batch 32 × T 128 (MLM head at the masked positions).
 * ``vgg16_filters_50``: ``vgg16`` (width 1), 50 % of every conv layer's filters removed,
   batch 128 of 32×32 images.
+* ``switch_small_experts_50``: ``switch_mlm('small')`` (4 experts per block), 50 % of each block's
+  experts removed, batch 32 × T 128. Top-1 routing sends every token through one expert either
+  way, so the FLOP ratio stays near 1: expert pruning saves parameters, not step compute.
+* ``resnet56_filters_25``: ``resnet56`` (width 1), 25 % of the filters of every residual block's
+  first conv removed (the structures pl-resnet prunes; the block's second conv loses the matching
+  input channels), batch 128 of 32×32 images.
 
 Per case, the dense and the pruned model are built side by side; a training step (forward +
 backward + AdamW step) is timed interleaved (dense, pruned, dense, …), the median over repeats
@@ -33,7 +39,8 @@ import torch
 import torch.nn.functional as F
 
 from ntkit.models import build_model
-from ntkit.partition import attention_heads, conv_filters
+from ntkit.partition import attention_heads, conv_filters, moe_experts
+from ntkit.recipes.pl import resnet_block_filters
 from ntkit.sparse.surgery import remove_groups
 from ntkit.train.flops import FlopCounter
 
@@ -70,12 +77,30 @@ def _bert_case(quick: bool) -> tuple[Any, Any, Any]:
     return build, attention_heads, loss
 
 
-def _vgg_case(quick: bool) -> tuple[Any, Any, Any]:
+def _switch_case(quick: bool) -> tuple[Any, Any, Any]:
+    size, b, t, vocab = ("tiny", 8, 32, 500) if quick else ("small", 32, 128, 8000)
+
+    def build() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model("switch_mlm", size=size, vocab_size=vocab, max_len=t, dropout=0.0)
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    sel = torch.rand(b, t, generator=g) < 0.15
+    labels = torch.randint(0, vocab, (int(sel.sum()),), generator=g)
+
+    def loss(m: torch.nn.Module) -> torch.Tensor:
+        return F.cross_entropy(m(ids, positions=sel), labels)
+
+    return build, moe_experts, loss
+
+
+def _image_case(model: str, quick: bool, partition: Any) -> tuple[Any, Any, Any]:
     width, b = (0.125, 16) if quick else (1.0, 128)
 
     def build() -> torch.nn.Module:
         torch.manual_seed(0)
-        return build_model("vgg16", num_classes=10, in_channels=3, width=width)
+        return build_model(model, num_classes=10, in_channels=3, width=width)
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, 3, 32, 32, generator=g)
@@ -84,7 +109,7 @@ def _vgg_case(quick: bool) -> tuple[Any, Any, Any]:
     def loss(m: torch.nn.Module) -> torch.Tensor:
         return F.cross_entropy(m(x), y)
 
-    return build, conv_filters, loss
+    return build, partition, loss
 
 
 def _flops(model: torch.nn.Module, loss: Any) -> float:
@@ -136,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="result JSON (default bench/results/pruned_step[_quick].json)")
     args = ap.parse_args(argv)
     reps = args.reps or (2 if args.quick else 10)
-    cases = [("bert_small_heads_75", _bert_case(args.quick), 0.75), ("vgg16_filters_50", _vgg_case(args.quick), 0.5)]
+    cases = [("bert_small_heads_75", _bert_case(args.quick), 0.75),
+             ("vgg16_filters_50", _image_case("vgg16", args.quick, conv_filters), 0.5),
+             ("switch_small_experts_50", _switch_case(args.quick), 0.5),
+             ("resnet56_filters_25", _image_case("resnet56", args.quick, resnet_block_filters), 0.25)]
     results = [run_case(n, c, f, reps) for n, c, f in cases]
     for r in results:
         print(f"{r['case']}: params {r['params']['pruned']:,}/{r['params']['dense']:,}; "

@@ -206,3 +206,7 @@ def test_pruned_step_bench_quick_smoke(tmp_path) -> None:
     assert bert["params"]["pruned"] < bert["params"]["dense"] and 0.5 < bert["flop_ratio"] < 1.0
     # half the filters of every conv: conv FLOPs scale with in × out channels (≈ 1/4), the classifier less
     assert 0.2 < vgg["flop_ratio"] < 0.35, vgg["flop_ratio"]
+    switch, resnet = res["switch_small_experts_50"], res["resnet56_filters_25"]
+    assert switch["params"]["pruned"] < switch["params"]["dense"] and switch["removed_groups"] == switch["groups"] // 2
+    # a quarter of each block's first-conv filters: that conv's and the next one's FLOPs fall by ≈ 1/4
+    assert resnet["removed_groups"] > 0 and 0.6 < resnet["flop_ratio"] < 0.95, resnet["flop_ratio"]

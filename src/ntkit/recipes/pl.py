@@ -39,7 +39,7 @@ from ntkit.harness import LoopConfig, MethodEntry, methods_of
 from ntkit.recipes import register_recipe
 from ntkit.recipes._mat_mlm import MLMCompareConfig, build_mlm_task, floor_note
 
-__all__ = ["PLImageConfig", "PLMLMConfig", "pl_methods"]
+__all__ = ["PLImageConfig", "PLMLMConfig", "pl_methods", "resnet_block_filters"]
 
 #: seed 002's baselines per recipe: label → (registered method, its fields)
 _BASELINES: dict[str, dict[str, dict[str, Any]]] = {
@@ -214,7 +214,9 @@ class _TrainCurve:
         return out
 
 
-def _resnet_conv1_filters(model: torch.nn.Module) -> Any:
+def resnet_block_filters(model: torch.nn.Module) -> Any:
+    """The filters pl-resnet prunes: those of every residual block's first conv (``*.conv1`` inside
+    a block; the stem conv and the block outputs, tied by the residual sums, are not pruned)."""
     from ntkit.partition import Partition, conv_filters
 
     groups = [g for g in conv_filters(model) if g.layer.endswith(".conv1") and g.layer.count(".") >= 2]
@@ -240,7 +242,7 @@ def _image_task(cfg: PLImageConfig, data_dir: Path | None) -> tuple[Any, Any, st
     def build() -> torch.nn.Module:
         return build_model(cfg.model, **model_kw)
 
-    part = conv_filters if cfg.model == "vgg16" else _resnet_conv1_filters
+    part = conv_filters if cfg.model == "vgg16" else resnet_block_filters
     assert data.val_x is not None and data.val_y is not None
     common = {"build": build, "partition_fn": part}
     task = ImageTask(name=f"{cfg.model}-{cfg.dataset}", train_x=data.train_x, train_y=data.train_y, val_x=data.val_x,
