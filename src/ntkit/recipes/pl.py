@@ -415,7 +415,6 @@ def _pl_document(records: list[dict], *, title: str, mlm: bool, report_epochs: t
             key_val = _ms(test)["mean"]
         row["params"] = _fmt(_ms([r["final_num_params"] for r in rs]), "{:,.0f}")
         fl = _ms([r["final_forward_flops"] for r in rs])["mean"]
-        st = _ms([r["final_step_s"] for r in rs])["mean"]
         row["fwd FLOPs/batch"] = _fmt(_ms([r["final_forward_flops"] for r in rs]), "{:.3g}")
         row["FLOPs vs dense"] = f"{fl / dense_flops:.2f}" if fl and dense_flops else "—"
         row["step ms"] = _fmt(_ms([1000 * r["final_step_s"] for r in rs]), "{:.1f}")
