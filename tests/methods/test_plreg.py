@@ -20,6 +20,7 @@ from ntkit.methods.plreg import (
     Gate,
     PLRegConfig,
     _Masked,
+    mask_index,
     masked_params,
     normalise_features,
     relaxed_topk,
@@ -105,6 +106,21 @@ def test_ste_mask_is_the_hard_mask_and_its_gradient_reaches_the_gate() -> None:
     assert sum(float(g.abs().sum()) for g in grads) > 0
     soft = relaxed_topk(z.detach(), keep, 0.5, "sigmoid")
     assert bool(((soft > 0.5) == keep).all())  # the sigmoid's cut is the TopK's
+
+
+def test_masked_params_scale_each_structures_slice_and_a_precomputed_index_changes_nothing() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    part = linear_neurons(net)
+    mask = torch.rand(len(part), dtype=torch.float64)
+    got = masked_params(net, part, mask)
+    again = masked_params(net, part, mask, mask_index(net, part))
+    params = dict(net.named_parameters())
+    for g_i, g in enumerate(part):
+        for sl in g.slices:
+            ref = params[sl.param].narrow(sl.dim, sl.start, sl.stop - sl.start) * mask[g_i]
+            assert torch.equal(got[sl.param].narrow(sl.dim, sl.start, sl.stop - sl.start), ref)
+    assert got.keys() == again.keys() and all(torch.equal(got[k], again[k]) for k in got)
 
 
 def test_hessian_trace_penalty_is_differentiable_wrt_the_mask_and_matches_finite_differences() -> None:

@@ -92,7 +92,8 @@ from ntkit.methods._common import (
 from ntkit.methods.base import LoopContext, TrainingMethod, make_config, register_method
 from ntkit.partition import Partition
 
-__all__ = ["Gate", "PLReg", "PLRegConfig", "normalise_features", "relaxed_topk", "structure_features"]
+__all__ = ["Gate", "PLReg", "PLRegConfig", "mask_index", "masked_params", "normalise_features", "relaxed_topk",
+           "structure_features"]
 
 
 def _is_int(v: object) -> bool:
@@ -308,19 +309,29 @@ class _Masked(nn.Module):
         return fn() if fn is not None else torch.zeros(())
 
 
-def masked_params(model: nn.Module, partition: Partition, mask: Tensor) -> dict[str, Tensor]:
+def mask_index(model: nn.Module, partition: Partition) -> dict[str, tuple[list[int], Tensor]]:
+    """What :func:`masked_params` needs, computed once per partition: per covered parameter the
+    broadcast shape of its factor (−1 on the sliced dim) and each position's group index, ``M``
+    (one past the last group) where no group owns it."""
+    out = {}
+    params = dict(model.named_parameters())
+    for pname, (dim, seg) in partition.group_index(model).items():
+        shape = [1] * params[pname].dim()
+        shape[dim] = -1
+        out[pname] = (shape, torch.where(seg >= 0, seg, torch.full_like(seg, len(partition))))
+    return out
+
+
+def masked_params(model: nn.Module, partition: Partition, mask: Tensor,
+                  index: dict[str, tuple[list[int], Tensor]] | None = None) -> dict[str, Tensor]:
     """``{name: p · m[group]}`` for every parameter ``partition`` covers (positions no group owns
-    keep factor 1); ``mask`` float [M], differentiable."""
+    keep factor 1); ``mask`` float [M], differentiable. ``index``: :func:`mask_index` of the same
+    model and partition, when the caller applies many masks (it costs more than the products)."""
     params = dict(model.named_parameters())
     ext = torch.cat([mask, mask.new_ones(1)])
-    out = {}
-    for pname, (dim, seg) in partition.group_index(model).items():
-        p = params[pname]
-        idx = torch.where(seg >= 0, seg, torch.full_like(seg, len(partition))).to(mask.device)
-        shape = [1] * p.dim()
-        shape[dim] = -1
-        out[pname] = p * ext[idx].to(p.dtype).view(shape)
-    return out
+    index = mask_index(model, partition) if index is None else index
+    return {pname: params[pname] * ext[idx.to(mask.device)].to(params[pname].dtype).view(shape)
+            for pname, (shape, idx) in index.items()}
 
 
 # ------------------------------------------------------------------------------ the method
@@ -611,6 +622,7 @@ class PLReg(TrainingMethod):
         opt = torch.optim.Adam(params, lr=cfg.gate_lr)
         bs = cfg.gate_batch or ctx.batch_size
         steps = cfg.gate_steps or max(1, math.ceil(ctx.steps_per_epoch * ctx.batch_size / bs))
+        index = mask_index(model, self.partition)
         sub_groups = [self.partition[int(i)] for k in feats for i in meas[k]["idx"]]
         sub = Partition(sub_groups)
         losses: list[float] = []
@@ -627,7 +639,7 @@ class PLReg(TrainingMethod):
                         keep = self._hard_keep(pruners[k], z.detach().double(), meas[k]["idx"], old, counts[k])
                         m = relaxed_topk(z, keep, cfg.temperature, cfg.relaxation)
                         mask = mask.index_put((meas[k]["idx"],), m)
-                    wrapped = _Masked(model, masked_params(model, self.partition, mask))
+                    wrapped = _Masked(model, masked_params(model, self.partition, mask, index))
                     held: dict[str, Tensor] = {}
 
                     def closure(w: nn.Module = wrapped, b: Any = batch, h: dict = held) -> Tensor:
