@@ -202,6 +202,9 @@ def test_surgery_through_the_harness_gives_a_smaller_model_that_trains_on() -> N
     tracks = [h for h in rec["method_history"] if h["event"] == "pl_track" and h.get("phase") != "before"]
     assert [h["epoch"] for h in tracks] == [0, 1, 2] and all(h["num_structures"] == 2 for h in tracks)
     assert all(h["trace_mean"] is not None and math.isfinite(h["trace_mean"]) for h in tracks)
+    # the decision's time splits into features, gate training and the rest (TopK, surgery)
+    t = [r for r in rec["log"] if r.get("event") == "pl_time"][-1]
+    assert 0 < t["features_s"] and 0 < t["gate_s"] and t["features_s"] + t["gate_s"] < t["decision_s"]
 
 
 @pytest.mark.slow

@@ -31,7 +31,9 @@ the Hutchinson Tr(H) of the loss (mean over structures, ``track_probes`` probes 
 into ``self.history`` and ``ctx.log`` (``{"event": "pl_track", ...}``). ``ratio = 0`` runs the
 diagnostics only (no gate, no pruning): the dense reference curve of Fig. 3. Wall-clock of the
 decision (features + gate training + TopK) and of the diagnostics are recorded separately
-(``decision_s``, ``track_s`` in the records) so a recipe can report the gate's share of the run.
+(``decision_s``, ``track_s`` in the records) so a recipe can report the gate's share of the run;
+``decision_s`` splits into ``features_s`` (step 1), ``gate_s`` (step 3) and the rest (TopK, surgery,
+logging — the pruning mechanics every pruning method pays).
 
 Choices the seed leaves open (DESIGN.md §4; options where they matter):
 
@@ -360,6 +362,8 @@ class PLReg(TrainingMethod):
         self.pruned_names: list[str] = []
         self._pruned_kind: dict[str, str] = {}  # pruned name -> its kind
         self.decision_s = 0.0
+        self.features_s = 0.0
+        self.gate_s = 0.0
         self.track_s = 0.0
 
     # ---------------------------------------------------------------- binding / state
@@ -382,6 +386,8 @@ class PLReg(TrainingMethod):
             "gates": {k: v.detach().cpu().tolist() for k, v in self.gates.state_dict().items()},
             "gen": generator_state(self.gen),
             "decision_s": self.decision_s,
+            "features_s": self.features_s,
+            "gate_s": self.gate_s,
             "track_s": self.track_s,
             "pruned_kind": dict(self._pruned_kind),
         }
@@ -396,6 +402,8 @@ class PLReg(TrainingMethod):
         if "gen" in state:
             set_generator_state(self.gen, state["gen"])
         self.decision_s = float(state.get("decision_s", 0.0))
+        self.features_s = float(state.get("features_s", 0.0))
+        self.gate_s = float(state.get("gate_s", 0.0))
         self.track_s = float(state.get("track_s", 0.0))
         self._pruned_kind = dict(state.get("pruned_kind", {}))
 
@@ -458,6 +466,7 @@ class PLReg(TrainingMethod):
             t0 = time.perf_counter()
             with overhead(ctx):
                 meas = self._measure(ctx, cfg.kinds, cfg.num_samples)
+                self.features_s += time.perf_counter() - t0
                 self._log_before(ctx, meas)
                 self._prune(ctx, meas)
             self.decision_s += time.perf_counter() - t0
@@ -466,7 +475,8 @@ class PLReg(TrainingMethod):
             with overhead(ctx):
                 self._track(ctx)
             self.track_s += time.perf_counter() - t0
-        ctx.log({"event": "pl_time", "epoch": e, "decision_s": self.decision_s, "track_s": self.track_s})
+        ctx.log({"event": "pl_time", "epoch": e, "decision_s": self.decision_s, "features_s": self.features_s,
+                 "gate_s": self.gate_s, "track_s": self.track_s})
 
     def _log_before(self, ctx: LoopContext, meas: dict[str, dict]) -> None:
         """The condition numbers right before pruning (``"phase": "before"``; no Tr(H)), from the
@@ -556,7 +566,9 @@ class PLReg(TrainingMethod):
             return
         pruners = {k: Pruner("random", kind=k, scope=cfg.scope, protect=cfg.protect) for k in usable}
         old = self._pruned_now()
+        t0 = time.perf_counter()
         gate_loss = self._train_gates(ctx, meas, usable, counts, pruners, old)
+        self.gate_s += time.perf_counter() - t0
         new_names: list[str] = []
         for k, d in usable.items():
             with torch.no_grad():
