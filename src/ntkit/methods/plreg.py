@@ -588,13 +588,15 @@ class PLReg(TrainingMethod):
                 continue
             pr = [names[int(i)] for i in res.new.nonzero(as_tuple=True)[0]]
             new_names += pr
+            ids = [names[i] for i in meas[k]["idx"].tolist()]
+            feat = meas[k]["features"].double()
             rec = {
                 "event": "pl_prune", "epoch": e, "step": int(ctx.step), "kind": k, "ratio_due": target,
                 "pruned": pr,
-                "scores": {names[int(i)]: float(v) for i, v in zip(meas[k]["idx"], g)},
-                "lambda_min": {names[int(i)]: float(v) for i, v in zip(meas[k]["idx"], meas[k]["features"][:, 0])},
-                "entropy": {names[int(i)]: float(v) for i, v in zip(meas[k]["idx"], meas[k]["features"][:, 1])},
-                "cond": {names[int(i)]: float(v) for i, v in zip(meas[k]["idx"], meas[k]["cond"])},
+                "scores": dict(zip(ids, g.double().tolist())),
+                "lambda_min": dict(zip(ids, feat[:, 0].tolist())),
+                "entropy": dict(zip(ids, feat[:, 1].tolist())),
+                "cond": dict(zip(ids, meas[k]["cond"].double().tolist())),
                 "gate_loss": gate_loss,
             }
             self.history.append(rec)
@@ -608,7 +610,8 @@ class PLReg(TrainingMethod):
         if cfg.surgery and ctx.change_structure is not None:
             from ntkit.sparse.surgery import remove_groups
 
-            gone = [n for n in self.partition.names if n in set(self.pruned_names)]
+            pruned_set = set(self.pruned_names)
+            gone = [n for n in self.partition.names if n in pruned_set]
             change = remove_groups(unwrap(ctx.model), self.partition, gone, controller=self.controller)
             ctx.change_structure(change)  # the loop re-binds us with the smaller model
 
