@@ -59,12 +59,12 @@ def _every_layer(partition: Any, frac: float) -> list[str]:
     return out
 
 
-def _bert_case(quick: bool) -> tuple[Any, Any, Any]:
+def _mlm_case(model: str, quick: bool, partition: Any) -> tuple[Any, Any, Any]:
     size, b, t, vocab = ("tiny", 8, 32, 500) if quick else ("small", 32, 128, 8000)
 
     def build() -> torch.nn.Module:
         torch.manual_seed(0)
-        return build_model("bert_mlm", size=size, vocab_size=vocab, max_len=t, dropout=0.0)
+        return build_model(model, size=size, vocab_size=vocab, max_len=t, dropout=0.0)
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (b, t), generator=g)
@@ -74,25 +74,7 @@ def _bert_case(quick: bool) -> tuple[Any, Any, Any]:
     def loss(m: torch.nn.Module) -> torch.Tensor:
         return F.cross_entropy(m(ids, positions=sel), labels)
 
-    return build, attention_heads, loss
-
-
-def _switch_case(quick: bool) -> tuple[Any, Any, Any]:
-    size, b, t, vocab = ("tiny", 8, 32, 500) if quick else ("small", 32, 128, 8000)
-
-    def build() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return build_model("switch_mlm", size=size, vocab_size=vocab, max_len=t, dropout=0.0)
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (b, t), generator=g)
-    sel = torch.rand(b, t, generator=g) < 0.15
-    labels = torch.randint(0, vocab, (int(sel.sum()),), generator=g)
-
-    def loss(m: torch.nn.Module) -> torch.Tensor:
-        return F.cross_entropy(m(ids, positions=sel), labels)
-
-    return build, moe_experts, loss
+    return build, partition, loss
 
 
 def _image_case(model: str, quick: bool, partition: Any) -> tuple[Any, Any, Any]:
@@ -161,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="result JSON (default bench/results/pruned_step[_quick].json)")
     args = ap.parse_args(argv)
     reps = args.reps or (2 if args.quick else 10)
-    cases = [("bert_small_heads_75", _bert_case(args.quick), 0.75),
+    cases = [("bert_small_heads_75", _mlm_case("bert_mlm", args.quick, attention_heads), 0.75),
              ("vgg16_filters_50", _image_case("vgg16", args.quick, conv_filters), 0.5),
-             ("switch_small_experts_50", _switch_case(args.quick), 0.5),
+             ("switch_small_experts_50", _mlm_case("switch_mlm", args.quick, moe_experts), 0.5),
              ("resnet56_filters_25", _image_case("resnet56", args.quick, resnet_block_filters), 0.25)]
     results = [run_case(n, c, f, reps) for n, c, f in cases]
     for r in results:

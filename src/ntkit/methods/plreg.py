@@ -51,7 +51,10 @@ Choices the seed leaves open (DESIGN.md §4; options where they matter):
   outside the structures (embeddings, FFN, norms) are not in the trace.
 * **TopK scope** (``scope``): ``"global"`` (the seed: TopK over all p structures of a kind) or
   ``"layer"`` (the ratio within each layer). Pruned structures never return (surgery removes
-  them; without surgery the mask is monotone too, so both settings give the same model).
+  them; without surgery the mask is monotone too, so both settings give the same model). The
+  default stays the seed's global TopK; on VGG-16's filters it cut the first layers to 1–3 of
+  16–64 filters (pl-vgg cpu, seed 0: 32% test accuracy at 50% pruned, chance at 90%), so the
+  image recipes run ``plreg_layer`` (``scope="layer"``) beside it.
 * **Linear schedule length**: ``t0`` … ``t_end`` epochs, equal shares per epoch
   (:class:`ntkit.pruning.Linear`); the seed's "r_f/t_max per iteration" is read per epoch.
 * **Ratio**: by structure count per kind (the seed's "number of disabled parameters divided by
