@@ -260,10 +260,10 @@ class Partition:
         out: dict[str, tuple[int, Tensor]] = {}
         for pname, items in self.param_slices().items():
             dim = items[0][1].dim
-            owner = torch.full((params[pname].shape[dim],), -1, dtype=torch.long)
+            owner = [-1] * params[pname].shape[dim]  # list slicing: ~100× cheaper than tensor setitem
             for gi, s in items:
-                owner[s.start : s.stop] = gi
-            out[pname] = (dim, owner)
+                owner[s.start : s.stop] = [gi] * (s.stop - s.start)
+            out[pname] = (dim, torch.tensor(owner, dtype=torch.long))
         return out
 
     def element_masks(self, model: nn.Module, active: Tensor | Sequence[bool]) -> dict[str, Tensor]:

@@ -20,6 +20,7 @@ from ntkit.methods.plreg import (
     Gate,
     PLRegConfig,
     _Masked,
+    mask_index,
     masked_params,
     normalise_features,
     relaxed_topk,
@@ -107,6 +108,21 @@ def test_ste_mask_is_the_hard_mask_and_its_gradient_reaches_the_gate() -> None:
     assert bool(((soft > 0.5) == keep).all())  # the sigmoid's cut is the TopK's
 
 
+def test_masked_params_scale_each_structures_slice_and_a_precomputed_index_changes_nothing() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    part = linear_neurons(net)
+    mask = torch.rand(len(part), dtype=torch.float64)
+    got = masked_params(net, part, mask)
+    again = masked_params(net, part, mask, mask_index(net, part))
+    params = dict(net.named_parameters())
+    for g_i, g in enumerate(part):
+        for sl in g.slices:
+            ref = params[sl.param].narrow(sl.dim, sl.start, sl.stop - sl.start) * mask[g_i]
+            assert torch.equal(got[sl.param].narrow(sl.dim, sl.start, sl.stop - sl.start), ref)
+    assert got.keys() == again.keys() and all(torch.equal(got[k], again[k]) for k in got)
+
+
 def test_hessian_trace_penalty_is_differentiable_wrt_the_mask_and_matches_finite_differences() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
@@ -186,6 +202,9 @@ def test_surgery_through_the_harness_gives_a_smaller_model_that_trains_on() -> N
     tracks = [h for h in rec["method_history"] if h["event"] == "pl_track" and h.get("phase") != "before"]
     assert [h["epoch"] for h in tracks] == [0, 1, 2] and all(h["num_structures"] == 2 for h in tracks)
     assert all(h["trace_mean"] is not None and math.isfinite(h["trace_mean"]) for h in tracks)
+    # the decision's time splits into features, gate training and the rest (TopK, surgery)
+    t = [r for r in rec["log"] if r.get("event") == "pl_time"][-1]
+    assert 0 < t["features_s"] and 0 < t["gate_s"] and t["features_s"] + t["gate_s"] < t["decision_s"]
 
 
 @pytest.mark.slow

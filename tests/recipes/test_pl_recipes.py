@@ -84,3 +84,22 @@ def test_pl_resnet_ci_with_a_ratio_override(tmp_path: Path) -> None:
 def test_bad_ratio_override_is_one_line() -> None:
     with pytest.raises(ConfigError, match=r"methods.plreg.ratio"):
         resolve_config("pl-bert", "ci", ["methods.plreg.ratio=1.5"])
+
+
+@needs_data
+def test_seeds_run_apart_pool_into_the_recipes_own_columns(tmp_path: Path) -> None:
+    """`ntkit report` on pl runs of separate seeds: the pl table's columns, mean ± std per cell."""
+    import statistics
+
+    from ntkit.recipes.merge import merge_report
+
+    res = {s: _run("pl-bert", tmp_path / f"s{s}", ["methods=vanilla,plreg", f"seeds=[{s}]"]) for s in (0, 1)}
+    md = merge_report([tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged.md")
+    head = next(line for line in md.splitlines() if line.startswith("| method"))
+    for col in ("train PPL @ep1", "train PPL @ep2", "test PPL", "ΔPPL (test − train)", "FLOPs vs dense",
+                "time vs dense", "gate+features share of wall"):
+        assert f" {col} " in head, col
+    row = next(line for line in md.splitlines() if line.startswith("| plreg "))
+    cells = dict(zip([c.strip() for c in head.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+    ppl = [next(r for r in res[s]["records"] if r["method"] == "plreg")["test_ppl"] for s in (0, 1)]
+    assert cells["seeds"] == "0, 1" and cells["test PPL"] == f"{statistics.fmean(ppl):.3f} ± {statistics.stdev(ppl):.3f}"

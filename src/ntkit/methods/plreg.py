@@ -31,7 +31,9 @@ the Hutchinson Tr(H) of the loss (mean over structures, ``track_probes`` probes 
 into ``self.history`` and ``ctx.log`` (``{"event": "pl_track", ...}``). ``ratio = 0`` runs the
 diagnostics only (no gate, no pruning): the dense reference curve of Fig. 3. Wall-clock of the
 decision (features + gate training + TopK) and of the diagnostics are recorded separately
-(``decision_s``, ``track_s`` in the records) so a recipe can report the gate's share of the run.
+(``decision_s``, ``track_s`` in the records) so a recipe can report the gate's share of the run;
+``decision_s`` splits into ``features_s`` (step 1), ``gate_s`` (step 3) and the rest (TopK, surgery,
+logging — the pruning mechanics every pruning method pays).
 
 Choices the seed leaves open (DESIGN.md §4; options where they matter):
 
@@ -95,7 +97,8 @@ from ntkit.methods._common import (
 from ntkit.methods.base import LoopContext, TrainingMethod, make_config, register_method
 from ntkit.partition import Partition
 
-__all__ = ["Gate", "PLReg", "PLRegConfig", "normalise_features", "relaxed_topk", "structure_features"]
+__all__ = ["Gate", "PLReg", "PLRegConfig", "mask_index", "masked_params", "normalise_features", "relaxed_topk",
+           "structure_features"]
 
 
 def _is_int(v: object) -> bool:
@@ -311,19 +314,29 @@ class _Masked(nn.Module):
         return fn() if fn is not None else torch.zeros(())
 
 
-def masked_params(model: nn.Module, partition: Partition, mask: Tensor) -> dict[str, Tensor]:
+def mask_index(model: nn.Module, partition: Partition) -> dict[str, tuple[list[int], Tensor]]:
+    """What :func:`masked_params` needs, computed once per partition: per covered parameter the
+    broadcast shape of its factor (−1 on the sliced dim) and each position's group index, ``M``
+    (one past the last group) where no group owns it."""
+    out = {}
+    params = dict(model.named_parameters())
+    for pname, (dim, seg) in partition.group_index(model).items():
+        shape = [1] * params[pname].dim()
+        shape[dim] = -1
+        out[pname] = (shape, torch.where(seg >= 0, seg, torch.full_like(seg, len(partition))))
+    return out
+
+
+def masked_params(model: nn.Module, partition: Partition, mask: Tensor,
+                  index: dict[str, tuple[list[int], Tensor]] | None = None) -> dict[str, Tensor]:
     """``{name: p · m[group]}`` for every parameter ``partition`` covers (positions no group owns
-    keep factor 1); ``mask`` float [M], differentiable."""
+    keep factor 1); ``mask`` float [M], differentiable. ``index``: :func:`mask_index` of the same
+    model and partition, when the caller applies many masks (it costs more than the products)."""
     params = dict(model.named_parameters())
     ext = torch.cat([mask, mask.new_ones(1)])
-    out = {}
-    for pname, (dim, seg) in partition.group_index(model).items():
-        p = params[pname]
-        idx = torch.where(seg >= 0, seg, torch.full_like(seg, len(partition))).to(mask.device)
-        shape = [1] * p.dim()
-        shape[dim] = -1
-        out[pname] = p * ext[idx].to(p.dtype).view(shape)
-    return out
+    index = mask_index(model, partition) if index is None else index
+    return {pname: params[pname] * ext[idx.to(mask.device)].to(params[pname].dtype).view(shape)
+            for pname, (shape, idx) in index.items()}
 
 
 # ------------------------------------------------------------------------------ the method
@@ -352,6 +365,8 @@ class PLReg(TrainingMethod):
         self.pruned_names: list[str] = []
         self._pruned_kind: dict[str, str] = {}  # pruned name -> its kind
         self.decision_s = 0.0
+        self.features_s = 0.0
+        self.gate_s = 0.0
         self.track_s = 0.0
 
     # ---------------------------------------------------------------- binding / state
@@ -374,6 +389,8 @@ class PLReg(TrainingMethod):
             "gates": {k: v.detach().cpu().tolist() for k, v in self.gates.state_dict().items()},
             "gen": generator_state(self.gen),
             "decision_s": self.decision_s,
+            "features_s": self.features_s,
+            "gate_s": self.gate_s,
             "track_s": self.track_s,
             "pruned_kind": dict(self._pruned_kind),
         }
@@ -388,6 +405,8 @@ class PLReg(TrainingMethod):
         if "gen" in state:
             set_generator_state(self.gen, state["gen"])
         self.decision_s = float(state.get("decision_s", 0.0))
+        self.features_s = float(state.get("features_s", 0.0))
+        self.gate_s = float(state.get("gate_s", 0.0))
         self.track_s = float(state.get("track_s", 0.0))
         self._pruned_kind = dict(state.get("pruned_kind", {}))
 
@@ -450,6 +469,7 @@ class PLReg(TrainingMethod):
             t0 = time.perf_counter()
             with overhead(ctx):
                 meas = self._measure(ctx, cfg.kinds, cfg.num_samples)
+                self.features_s += time.perf_counter() - t0
                 self._log_before(ctx, meas)
                 self._prune(ctx, meas)
             self.decision_s += time.perf_counter() - t0
@@ -458,7 +478,8 @@ class PLReg(TrainingMethod):
             with overhead(ctx):
                 self._track(ctx)
             self.track_s += time.perf_counter() - t0
-        ctx.log({"event": "pl_time", "epoch": e, "decision_s": self.decision_s, "track_s": self.track_s})
+        ctx.log({"event": "pl_time", "epoch": e, "decision_s": self.decision_s, "features_s": self.features_s,
+                 "gate_s": self.gate_s, "track_s": self.track_s})
 
     def _log_before(self, ctx: LoopContext, meas: dict[str, dict]) -> None:
         """The condition numbers right before pruning (``"phase": "before"``; no Tr(H)), from the
@@ -548,7 +569,9 @@ class PLReg(TrainingMethod):
             return
         pruners = {k: Pruner("random", kind=k, scope=cfg.scope, protect=cfg.protect) for k in usable}
         old = self._pruned_now()
+        t0 = time.perf_counter()
         gate_loss = self._train_gates(ctx, meas, usable, counts, pruners, old)
+        self.gate_s += time.perf_counter() - t0
         new_names: list[str] = []
         for k, d in usable.items():
             with torch.no_grad():
@@ -568,13 +591,15 @@ class PLReg(TrainingMethod):
                 continue
             pr = [names[int(i)] for i in res.new.nonzero(as_tuple=True)[0]]
             new_names += pr
+            ids = [names[i] for i in meas[k]["idx"].tolist()]
+            feat = meas[k]["features"].double()
             rec = {
                 "event": "pl_prune", "epoch": e, "step": int(ctx.step), "kind": k, "ratio_due": target,
                 "pruned": pr,
-                "scores": {names[int(i)]: float(v) for i, v in zip(meas[k]["idx"], g)},
-                "lambda_min": {names[int(i)]: float(v) for i, v in zip(meas[k]["idx"], meas[k]["features"][:, 0])},
-                "entropy": {names[int(i)]: float(v) for i, v in zip(meas[k]["idx"], meas[k]["features"][:, 1])},
-                "cond": {names[int(i)]: float(v) for i, v in zip(meas[k]["idx"], meas[k]["cond"])},
+                "scores": dict(zip(ids, g.double().tolist())),
+                "lambda_min": dict(zip(ids, feat[:, 0].tolist())),
+                "entropy": dict(zip(ids, feat[:, 1].tolist())),
+                "cond": dict(zip(ids, meas[k]["cond"].double().tolist())),
                 "gate_loss": gate_loss,
             }
             self.history.append(rec)
@@ -588,7 +613,8 @@ class PLReg(TrainingMethod):
         if cfg.surgery and ctx.change_structure is not None:
             from ntkit.sparse.surgery import remove_groups
 
-            gone = [n for n in self.partition.names if n in set(self.pruned_names)]
+            pruned_set = set(self.pruned_names)
+            gone = [n for n in self.partition.names if n in pruned_set]
             change = remove_groups(unwrap(ctx.model), self.partition, gone, controller=self.controller)
             ctx.change_structure(change)  # the loop re-binds us with the smaller model
 
@@ -614,6 +640,7 @@ class PLReg(TrainingMethod):
         opt = torch.optim.Adam(params, lr=cfg.gate_lr)
         bs = cfg.gate_batch or ctx.batch_size
         steps = cfg.gate_steps or max(1, math.ceil(ctx.steps_per_epoch * ctx.batch_size / bs))
+        index = mask_index(model, self.partition)
         sub_groups = [self.partition[int(i)] for k in feats for i in meas[k]["idx"]]
         sub = Partition(sub_groups)
         losses: list[float] = []
@@ -630,7 +657,7 @@ class PLReg(TrainingMethod):
                         keep = self._hard_keep(pruners[k], z.detach().double(), meas[k]["idx"], old, counts[k])
                         m = relaxed_topk(z, keep, cfg.temperature, cfg.relaxation)
                         mask = mask.index_put((meas[k]["idx"],), m)
-                    wrapped = _Masked(model, masked_params(model, self.partition, mask))
+                    wrapped = _Masked(model, masked_params(model, self.partition, mask, index))
                     held: dict[str, Tensor] = {}
 
                     def closure(w: nn.Module = wrapped, b: Any = batch, h: dict = held) -> Tensor:

@@ -191,17 +191,18 @@ def prune_lowest(
     left = torch.bincount(lid[idx], minlength=int(lid.max()) + 1 if m else 0)
     sc = score.detach().to(torch.float64).cpu()[idx]
     order = idx[torch.sort(sc, stable=True).indices]
-    pruned = torch.zeros(m, dtype=torch.bool)
+    pruned = [False] * m  # Python lists: the loop is per module, tensor indexing would dominate
+    lid_l, left_l = lid.tolist(), left.tolist()
     count = 0
     for i in order.tolist():
         if count == target:
             break
-        if protect_layers and int(left[lid[i]]) <= 1:
+        if protect_layers and left_l[lid_l[i]] <= 1:
             continue
         pruned[i] = True
-        left[lid[i]] -= 1
+        left_l[lid_l[i]] -= 1
         count += 1
-    return pruned
+    return torch.tensor(pruned, dtype=torch.bool)
 
 
 def random_subset(

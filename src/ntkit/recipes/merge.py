@@ -87,9 +87,10 @@ _PAPER_CLAIMS = {"pl-": "plreg_claims"}
 #: :data:`ntkit.recipes.report.FORMATS` plus whole counts (parameters) with thousands separators.
 _FORMATS = {**FORMATS, "count": lambda v: f"{v:,.0f}"}
 
-#: Record fields that are wall-clock measurements: they differ between machines, so duplicates
-#: of a seed are not compared on them.
-_TIMING_FORMATS = {"secs"}
+#: Columns that are wall-clock measurements (by format, or by record field for ratios and shares
+#: of times): they differ between machines, so duplicates of a seed are not compared on them.
+_TIMING_FORMATS = {"secs", "ms"}
+_TIMING_KEYS = {"time_vs_dense", "gate_share"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,7 +258,7 @@ def _dedupe(
     """
     rows: dict[tuple, dict[Any, tuple[dict, _Run]]] = {}
     notes: list[str] = []
-    compared = [c for c in columns if c[3] not in _TIMING_FORMATS]
+    compared = [c for c in columns if c[3] not in _TIMING_FORMATS and c[1] not in _TIMING_KEYS]
     for run in runs:
         for rec in run.records:
             seeds = rows.setdefault(_row_key(rec), {})

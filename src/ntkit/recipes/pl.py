@@ -380,7 +380,9 @@ def _gate_share(rec: dict) -> float | None:
     times = [r for r in rec.get("log", []) if r.get("event") == "pl_time"]
     if not times or rec["method_config"].get("ratio", 0) == 0:
         return None
-    return times[-1]["decision_s"] / max(rec["wall_s"], 1e-12)
+    last = times[-1]  # features + gate training (older records: the whole decision, surgery included)
+    spent = last["features_s"] + last["gate_s"] if "gate_s" in last else last["decision_s"]
+    return spent / max(rec["wall_s"], 1e-12)
 
 
 def _tracks(rec: dict, kind: str | None = None) -> list[dict]:
@@ -507,7 +509,8 @@ def _pl_document(records: list[dict], *, title: str, mlm: bool, report_epochs: t
                          "trustworthy; `python bench/pruned_step.py` measures the pruned step on a quiet machine.")
     if gate:
         all_notes.append(f"plreg's gate training + features took {100 * max(gate):.2f}% of its wall-clock at most "
-                         f"(target ≤ 3%; the diagnostics are extra and not in this share).")
+                         f"(target ≤ 3%; the diagnostics, TopK and surgery are not in this share — records "
+                         f"written before the split count TopK and surgery in).")
     return {
         "title": title,
         "summary": {"verdict": " ".join(sentences), "runs": len(records),
@@ -516,7 +519,39 @@ def _pl_document(records: list[dict], *, title: str, mlm: bool, report_epochs: t
         "plots": plots,
         "notes": all_notes,
         "records": records,
+        "layout": _pl_layout(records, mlm, report_epochs),
     }
+
+
+def _pl_layout(records: list[dict], mlm: bool, report_epochs: tuple[int, ...]) -> dict:
+    """The table's columns as per-record numbers plus a column spec (``results.layout``), so that
+    ``ntkit report`` pools runs of separate seeds into this table's layout (mean ± std per cell).
+    Adds to each record: ``train_at_epochs`` (PPL or loss at ``report_epochs``), ``test_ppl`` (MLM),
+    ``test_minus_train``, ``flops_vs_dense`` (against the same seed's dense model), ``time_vs_dense``
+    and ``gate_share``."""
+    last = max(report_epochs)
+    dense_flops = {r["seed"]: r["final_forward_flops"] for r in records if r["method"] == "vanilla"}
+    for r in records:
+        tr = [_train_at(r, e, "train_loss") for e in report_epochs]
+        r["train_at_epochs"] = [math.exp(v) if (mlm and v is not None) else v for v in tr]
+        if mlm:
+            r["test_ppl"] = math.exp(r["test_loss"])
+            r["test_minus_train"] = r["test_ppl"] - r["train_at_epochs"][-1] if tr[-1] is not None else None
+        else:
+            acc = _train_at(r, last, "train_acc")
+            r["test_minus_train"] = r["test_acc"] - acc if acc is not None else None
+        d = dense_flops.get(r["seed"])
+        r["flops_vs_dense"] = r["final_forward_flops"] / d if d else None
+        r["time_vs_dense"] = r["final_step_s"] / r["dense_step_s"] if r.get("dense_step_s") else None
+        r["gate_share"] = _gate_share(r)
+    train = "train PPL" if mlm else "train loss"
+    cols = [[f"{train} @ep{e}", "train_at_epochs", i, "num"] for i, e in enumerate(report_epochs)]
+    cols += [["test PPL", "test_ppl", None, "num"], ["ΔPPL (test − train)", "test_minus_train", None, "num"]] if mlm \
+        else [["test acc", "test_acc", None, "pct"], ["Δacc (test − train)", "test_minus_train", None, "pct"]]
+    cols += [["params", "final_num_params", None, "count"], ["FLOPs vs dense", "flops_vs_dense", None, "ratio"],
+             ["step ms", "final_step_s", None, "ms"], ["time vs dense", "time_vs_dense", None, "ratio"],
+             ["gate+features share of wall", "gate_share", None, "pct2"], ["wall s", "wall_s", None, "secs"]]
+    return {"columns": cols, "paper_key": None, "paper_rows": {}}
 
 
 def _scatter(path: Path, pts: dict[str, list[tuple[float, float]]], kind: str) -> Path:

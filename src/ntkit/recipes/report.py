@@ -177,6 +177,10 @@ def _secs(v: float) -> str:
     return f"{v:.0f}"
 
 
+def _ms(v: float) -> str:
+    return f"{1000 * v:.1f}"
+
+
 #: Formatters by name, for column specs (:func:`comparison_result`) and :func:`fmt_mean_std`.
 FORMATS: dict[str, Callable[[float], str]] = {
     "num": _num3,
@@ -185,6 +189,7 @@ FORMATS: dict[str, Callable[[float], str]] = {
     "pct2": _pct2,
     "ratio": _ratio,
     "secs": _secs,
+    "ms": _ms,
 }
 
 
