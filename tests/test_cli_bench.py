@@ -62,9 +62,13 @@ def test_bench_pruned_quick_exits_0_with_ratios(tmp_path: Path, capsys: pytest.C
     assert main(["bench", "pruned", "--quick", "--reps", "1", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     doc = json.loads(out.read_text())
-    assert [r["case"] for r in doc["results"]] == ["bert_small_heads_75", "vgg16_filters_50"]
+    assert [r["case"] for r in doc["results"]] == ["bert_small_heads_75", "vgg16_filters_50",
+                                                   "switch_small_experts_50", "resnet56_filters_25"]
     for r in doc["results"]:
-        assert r["params"]["pruned"] < r["params"]["dense"] and 0 < r["flop_ratio"] < 1, r
+        # top-1 routing: without half the experts every token still runs one expert (tokens the dense
+        # model dropped at capacity may now run, so the FLOP ratio can exceed 1 slightly)
+        top = 1.1 if r["case"].startswith("switch") else 1.0
+        assert r["params"]["pruned"] < r["params"]["dense"] and 0 < r["flop_ratio"] < top, r
         assert f"{r['case']}: params" in text and "FLOP ratio" in text
 
 
