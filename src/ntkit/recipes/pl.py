@@ -28,7 +28,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -604,30 +604,27 @@ def _mlm_tiers(family: str, kinds: str, model: str, kind: str, ratio: float, ext
         return pl_methods(family, kind, (ratio,), extra_kinds=extra, **kw)
 
     sw = {"model": model, "kinds": kinds}
+    # vocab 2000 and no dropout (the mat-bert quick regime, where vanilla learns more than token
+    # frequencies within minutes); 6 × 100 steps: with vocab 8000 and 6 × 30 steps the dense
+    # model ended at 6.88 nats, above the 6.645 unigram floor, and the comparison meant little.
+    # lr 5e-4: at lr 1e-3 with this batch (16 × 32 tokens) the dense model stalled at 6.23 nats
+    # while the pruned one went on learning (a comparison of optimisation failures)
+    quick = PLMLMConfig(size="mini", seq_len=32, vocab_size=2000, dropout=0.0, val_blocks=192, test_blocks=384,
+                        train_eval_blocks=192, report_epochs=(2, 4, 6), **sw,
+                        methods=m(t=2, num_samples=32, track_samples=32, gate_steps=2, gate_batch=8),
+                        loop=LoopConfig(epochs=6, batch_size=16, lr=5e-4, steps_per_epoch=100, eval_every=100,
+                                        warmup_steps=50))
     return {
         "ci": PLMLMConfig(size="tiny", seq_len=16, vocab_size=600, train_blocks=96, val_blocks=32, test_blocks=32,
                           train_eval_blocks=32, report_epochs=(1, 2), timing_reps=2, **sw,
                           methods=m(t=1, num_samples=8, track_samples=8, gate_steps=1),
                           loop=LoopConfig(epochs=2, batch_size=8, lr=1e-3, steps_per_epoch=4, eval_every=2,
                                           progress=False)),
-        # vocab 2000 and no dropout (the mat-bert quick regime, where vanilla learns more than token
-        # frequencies within minutes); 6 × 100 steps: with vocab 8000 and 6 × 30 steps the dense
-        # model ended at 6.88 nats, above the 6.645 unigram floor, and the comparison meant little.
-        # lr 5e-4: at lr 1e-3 with this batch (16 × 32 tokens) the dense model stalled at 6.23 nats
-        # while the pruned one went on learning (a comparison of optimisation failures)
-        "quick": PLMLMConfig(size="mini", seq_len=32, vocab_size=2000, dropout=0.0, val_blocks=192, test_blocks=384,
-                             train_eval_blocks=192, report_epochs=(2, 4, 6), **sw,
-                             methods=m(t=2, num_samples=32, track_samples=32, gate_steps=2, gate_batch=8),
-                             loop=LoopConfig(epochs=6, batch_size=16, lr=5e-4, steps_per_epoch=100, eval_every=100,
-                                             warmup_steps=50)),
+        "quick": quick,
         # cpu: the quick regime over 3 seeds (mean ± std), sized for about an hour per recipe on a
         # 2-core machine at one thread per run (the earlier cpu tier, T = 128 with vocab 8000 for
         # 1500 steps, needed ~6 h per recipe there and left the dense model on the unigram floor)
-        "cpu": PLMLMConfig(size="mini", seq_len=32, vocab_size=2000, dropout=0.0, val_blocks=192, test_blocks=384,
-                           train_eval_blocks=192, seeds=(0, 1, 2), report_epochs=(2, 4, 6), **sw,
-                           methods=m(t=2, num_samples=32, track_samples=32, gate_steps=2, gate_batch=8),
-                           loop=LoopConfig(epochs=6, batch_size=16, lr=5e-4, steps_per_epoch=100, eval_every=100,
-                                           warmup_steps=50)),
+        "cpu": replace(quick, seeds=(0, 1, 2)),
         "paper": PLMLMConfig(size="base", seq_len=512, vocab_size=30000, seeds=(0, 1, 2), report_epochs=(16, 20, 30),
                              **sw, methods=m(t=5, num_samples=64, track_samples=64, gate_steps=0),
                              loop=LoopConfig(epochs=30, batch_size=8, lr=2e-4, eps=1e-6, steps_per_epoch=500,
@@ -656,26 +653,24 @@ def _image_tiers(family: str, model: str, ratios: tuple[float, ...], t0_paper: i
         # pruned, chance at 90%; the features' scale differs by layer, as λmax did for MAT)
         return pl_methods(family, "filter", ratios, schedule="linear", layer_arm=True, **kw)
 
+    # gate batches of 16: a gate step (Hutchinson Tr(H) differentiated through the mask, a
+    # third-order backward) costs 13 training steps at batch 64 on quarter-width VGG-16 and 4.4
+    # at batch 16 (1377 / 472 ms against 107 ms, 2 threads)
+    quick = PLImageConfig(model=model, width=0.25, train_limit=4000, test_limit=2000, train_eval_samples=512,
+                          report_epochs=(3, 5, 6),
+                          methods=m(t0=2, t_end=4, num_samples=32, track_samples=32, gate_steps=2, gate_batch=16),
+                          loop=LoopConfig(epochs=6, batch_size=64, lr=1e-3, schedule="cosine"))
     return {
         "ci": PLImageConfig(model=model, width=0.125, dataset="digits", augment=False, train_eval_samples=64,
                             report_epochs=(1, 2), timing_reps=2,
                             methods=m(t0=1, t_end=2, num_samples=8, track_samples=8, gate_steps=1),
                             loop=LoopConfig(epochs=2, batch_size=16, lr=1e-3, steps_per_epoch=3, progress=False)),
-        # gate batches of 16: a gate step (Hutchinson Tr(H) differentiated through the mask, a
-        # third-order backward) costs 13 training steps at batch 64 on quarter-width VGG-16 and 4.4
-        # at batch 16 (1377 / 472 ms against 107 ms, 2 threads)
-        "quick": PLImageConfig(model=model, width=0.25, train_limit=4000, test_limit=2000, train_eval_samples=512,
-                               report_epochs=(3, 5, 6),
-                               methods=m(t0=2, t_end=4, num_samples=32, track_samples=32, gate_steps=2, gate_batch=16),
-                               loop=LoopConfig(epochs=6, batch_size=64, lr=1e-3, schedule="cosine")),
+        "quick": quick,
         # cpu: 3 seeds (mean ± std) on twice the quick tier's training set, sized for about an hour
         # per recipe on a 2-core machine at one thread per run (the earlier cpu tier, width 0.5 for
         # 40 epochs, needed ~10 h per recipe there). lr: ResNet-56 at width 0.25 reached 26.7% /
         # 34.8% / 41.9% test accuracy dense with lr 1e-3 / 3e-3 / 3e-3 on 8000 samples (one seed each)
-        "cpu": PLImageConfig(model=model, width=0.25, train_limit=8000, test_limit=2000, train_eval_samples=512,
-                             seeds=(0, 1, 2), report_epochs=(3, 5, 6),
-                             methods=m(t0=2, t_end=4, num_samples=32, track_samples=32, gate_steps=2, gate_batch=16),
-                             loop=LoopConfig(epochs=6, batch_size=64, lr=cpu_lr, schedule="cosine")),
+        "cpu": replace(quick, train_limit=8000, seeds=(0, 1, 2), loop=replace(quick.loop, lr=cpu_lr)),
         "paper": PLImageConfig(model=model, width=1.0, seeds=(0, 1, 2), report_epochs=(100, 150, 200),
                                methods=m(t0=t0_paper, t_end=t0_paper + 50, num_samples=64, gate_steps=0),
                                loop=LoopConfig(epochs=200, batch_size=128, lr=1e-3, schedule="step")),
