@@ -394,6 +394,7 @@ def _pl_document(records: list[dict], *, title: str, mlm: bool, report_epochs: t
                  notes: list[str], heat_kind: str | None = None) -> dict:
     from ntkit.recipes.report import heatmap, line_plot
 
+    _derive(records, mlm, report_epochs)
     labels = list(dict.fromkeys(r["method"] for r in records))
     by = {lab: [r for r in records if r["method"] == lab] for lab in labels}
     dense = by.get("vanilla", records[:1])
@@ -402,26 +403,18 @@ def _pl_document(records: list[dict], *, title: str, mlm: bool, report_epochs: t
     rows, summary = [], {}
     for lab, rs in by.items():
         row: dict[str, str] = {"method": lab, "ratio": f"{round(100 * _ratio_of(rs[0]))}%", "seeds": str(len(rs))}
-        last = max(report_epochs)
-        for e in report_epochs:
-            vals = [_train_at(r, e, "train_loss") for r in rs]
-            if mlm:
-                row[f"train PPL @ep{e}"] = _fmt(_ms([math.exp(v) if v is not None else None for v in vals]))
-            else:
-                row[f"train loss @ep{e}"] = _fmt(_ms(vals))
+        for i, e in enumerate(report_epochs):
+            row[f"{'train PPL' if mlm else 'train loss'} @ep{e}"] = _fmt(_ms([r["train_at_epochs"][i] for r in rs]))
+        delta = [r["test_minus_train"] for r in rs]
         if mlm:
-            test = [math.exp(r["test_loss"]) for r in rs]
-            tr = [_train_at(r, last, "train_loss") for r in rs]
+            test = [r["test_ppl"] for r in rs]
             row["test PPL"] = _fmt(_ms(test))
-            row["ΔPPL (test − train)"] = _fmt(_ms([a - math.exp(b) if b is not None else None for a, b in zip(test, tr)]))
-            key_val = _ms(test)["mean"]
+            row["ΔPPL (test − train)"] = _fmt(_ms(delta))
         else:
             test = [r["test_acc"] for r in rs]
-            tr = [_train_at(r, last, "train_acc") for r in rs]
             row["test acc"] = _fmt(_ms([100 * v for v in test]), "{:.2f}%")
-            row["Δacc (test − train)"] = _fmt(_ms([100 * (a - b) if b is not None else None for a, b in zip(test, tr)]),
-                                              "{:+.2f}")
-            key_val = _ms(test)["mean"]
+            row["Δacc (test − train)"] = _fmt(_ms([100 * d if d is not None else None for d in delta]), "{:+.2f}")
+        key_val = _ms(test)["mean"]
         row["params"] = _fmt(_ms([r["final_num_params"] for r in rs]), "{:,.0f}")
         fl = _ms([r["final_forward_flops"] for r in rs])["mean"]
         row["fwd FLOPs/batch"] = _fmt(_ms([r["final_forward_flops"] for r in rs]), "{:.3g}")
@@ -430,7 +423,7 @@ def _pl_document(records: list[dict], *, title: str, mlm: bool, report_epochs: t
         # paired with the dense model timed in the same call (older records: vanilla's own timing)
         row["time vs dense"] = _fmt(_ms([r["final_step_s"] / d if (d := r.get("dense_step_s", dense_step)) else None
                                          for r in rs]), "{:.2f}")
-        share = _ms([_gate_share(r) for r in rs])
+        share = _ms([r["gate_share"] for r in rs])
         row["gate+features share of wall"] = _fmt({k: (v * 100 if isinstance(v, float) and k != "n" else v)
                                                    for k, v in share.items()}, "{:.2f}%") if share["n"] else "—"
         row["wall s"] = _fmt(_ms([r["wall_s"] for r in rs]), "{:.0f}")
@@ -492,7 +485,7 @@ def _pl_document(records: list[dict], *, title: str, mlm: bool, report_epochs: t
                                      col_labels=[str(h["epoch"] + 1) for h in tr], xlabel="epoch",
                                      colorbar_label="log10 condition number",
                                      title=f"{r['method']}: {heat_kind}s' condition numbers (seed 002 Fig. 2)").name)
-    gate = [s for r in records if (s := _gate_share(r)) is not None]
+    gate = [r["gate_share"] for r in records if r["gate_share"] is not None]
     all_notes = sentences + notes + [
         "vanilla = the dense model (plreg with ratio 0: diagnostics only, booked as overhead, no effect on training).",
         ("Training loss / PPL: eval mode on a fixed subset of the training set at the end of the epoch; test: the "
@@ -519,16 +512,15 @@ def _pl_document(records: list[dict], *, title: str, mlm: bool, report_epochs: t
         "plots": plots,
         "notes": all_notes,
         "records": records,
-        "layout": _pl_layout(records, mlm, report_epochs),
+        "layout": _pl_layout(mlm, report_epochs),
     }
 
 
-def _pl_layout(records: list[dict], mlm: bool, report_epochs: tuple[int, ...]) -> dict:
-    """The table's columns as per-record numbers plus a column spec (``results.layout``), so that
-    ``ntkit report`` pools runs of separate seeds into this table's layout (mean ± std per cell).
-    Adds to each record: ``train_at_epochs`` (PPL or loss at ``report_epochs``), ``test_ppl`` (MLM),
-    ``test_minus_train``, ``flops_vs_dense`` (against the same seed's dense model), ``time_vs_dense``
-    and ``gate_share``."""
+def _derive(records: list[dict], mlm: bool, report_epochs: tuple[int, ...]) -> None:
+    """The table's numbers per record, added to it (the table pools them over seeds; ``ntkit
+    report`` pools them over runs through :func:`_pl_layout`): ``train_at_epochs`` (PPL or loss at
+    ``report_epochs``), ``test_ppl`` (MLM), ``test_minus_train`` (at the last reported epoch),
+    ``flops_vs_dense`` (against the same seed's dense model), ``time_vs_dense`` and ``gate_share``."""
     last = max(report_epochs)
     dense_flops = {r["seed"]: r["final_forward_flops"] for r in records if r["method"] == "vanilla"}
     for r in records:
@@ -536,7 +528,8 @@ def _pl_layout(records: list[dict], mlm: bool, report_epochs: tuple[int, ...]) -
         r["train_at_epochs"] = [math.exp(v) if (mlm and v is not None) else v for v in tr]
         if mlm:
             r["test_ppl"] = math.exp(r["test_loss"])
-            r["test_minus_train"] = r["test_ppl"] - r["train_at_epochs"][-1] if tr[-1] is not None else None
+            loss = _train_at(r, last, "train_loss")
+            r["test_minus_train"] = r["test_ppl"] - math.exp(loss) if loss is not None else None
         else:
             acc = _train_at(r, last, "train_acc")
             r["test_minus_train"] = r["test_acc"] - acc if acc is not None else None
@@ -544,6 +537,11 @@ def _pl_layout(records: list[dict], mlm: bool, report_epochs: tuple[int, ...]) -
         r["flops_vs_dense"] = r["final_forward_flops"] / d if d else None
         r["time_vs_dense"] = r["final_step_s"] / r["dense_step_s"] if r.get("dense_step_s") else None
         r["gate_share"] = _gate_share(r)
+
+
+def _pl_layout(mlm: bool, report_epochs: tuple[int, ...]) -> dict:
+    """The table's column spec over :func:`_derive`'s per-record numbers (``results.layout``), so
+    that ``ntkit report`` pools runs of separate seeds into this table's layout."""
     train = "train PPL" if mlm else "train loss"
     cols = [[f"{train} @ep{e}", "train_at_epochs", i, "num"] for i, e in enumerate(report_epochs)]
     cols += [["test PPL", "test_ppl", None, "num"], ["ΔPPL (test − train)", "test_minus_train", None, "num"]] if mlm \
