@@ -151,6 +151,82 @@ def test_hessian_trace_penalty_is_differentiable_wrt_the_mask_and_matches_finite
     assert sum(float(p.grad.abs().sum()) for p in gate.parameters()) > 0
 
 
+def test_frozen_penalty_is_the_masked_models_exact_trace_at_a_hard_mask() -> None:
+    """trace="frozen": Tr(H) w.r.t. w of the model at m ⊙ w equals Σᵢ mᵢ·tᵢ, tᵢ the trace of
+    structure i's diagonal Hessian block at θ = m ⊙ w (exact Hessians, float64)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    part = linear_neurons(net)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    flat0 = torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    def unflat(v: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, at = {}, 0
+        for n, sh in zip(names, shapes):
+            out[n] = v[at:at + sh.numel()].view(sh)
+            at += sh.numel()
+        return out
+
+    def loss_at(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+
+    index = mask_index(net, part)
+    for keep in ([1, 0, 1, 1, 0, 1], [0, 1, 1, 0, 1, 1]):
+        m = torch.tensor(keep, dtype=torch.float64)
+        masked_w = lambda v: loss_at(masked_params(_Params(unflat(v)), part, m, index))  # noqa: E731
+        h_w = torch.autograd.functional.hessian(masked_w, flat0)  # w.r.t. w at the masked point
+        mp = masked_params(net, part, m, index)
+        theta = torch.cat([mp.get(n, p).detach().flatten() for n, p in net.named_parameters()])
+        h_theta = torch.autograd.functional.hessian(lambda v: loss_at(unflat(v)), theta)
+        pos = {n: at for n, at in zip(names, torch.tensor([0] + [sh.numel() for sh in shapes]).cumsum(0).tolist())}
+        t = []
+        for g in part:
+            ids = torch.cat([(pos[sl.param] + torch.arange(shapes[names.index(sl.param)].numel()).view(
+                shapes[names.index(sl.param)]).narrow(sl.dim, sl.start, sl.stop - sl.start).flatten())
+                for sl in g.slices])
+            t.append(h_theta[ids][:, ids].diagonal().sum())
+        frozen = (m * torch.stack(t)).sum()
+        assert math.isclose(float(h_w.diagonal().sum()), float(frozen), rel_tol=1e-10, abs_tol=1e-12)
+
+
+class _Params(nn.Module):
+    """A stand-in module whose named_parameters() are the given tensors (for masked_params)."""
+
+    def __init__(self, params: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._p = params
+
+    def named_parameters(self, *a, **k):  # type: ignore[override]
+        return iter(self._p.items())
+
+
+@pytest.mark.parametrize("trace", ["differentiated", "frozen"])
+def test_frozen_trace_estimates_once_per_pruning_time_without_a_graph(monkeypatch, trace: str) -> None:
+    """The frozen penalty is measured once (no graph: no third-order backward) and the gate still
+    trains on it; the differentiated one re-estimates with its graph at every gate step."""
+    from ntkit.ntk import hessian
+
+    calls: list[bool] = []
+    real = hessian.hessian_trace_estimate
+
+    def spy(*a, **k):
+        if k.get("num_probes") == 3:  # the gate's, not the diagnostics' (track_probes=1)
+            calls.append(bool(k.get("create_graph", False)))
+        return real(*a, **k)
+
+    monkeypatch.setattr(hessian, "hessian_trace_estimate", spy)
+    cfg = LoopConfig(epochs=1, batch_size=16, lr=1e-2, progress=False)
+    pl = {"ratio": 0.5, "t": 1, "num_samples": 8, "track_samples": 4, "track_probes": 1, "gate_steps": 3,
+          "num_probes": 3, "trace": trace}
+    rec = train_run(_toy_task(depth=1, heads=4), "pl", MethodEntry("plreg", pl), cfg, seed=0)
+    assert calls == ([True] * 3 if trace == "differentiated" else [False])
+    prune = next(h for h in rec["method_history"] if h["event"] == "pl_prune")
+    assert len(prune["pruned"]) == 2 and len(prune["gate_loss"]) == 3
+    assert all(math.isfinite(v) for v in prune["gate_loss"])
+
+
 def test_config_errors_name_the_field() -> None:
     with pytest.raises(ConfigError, match=r"plreg.ratio=1.0"):
         build_method("plreg", ratio=1.0)

@@ -90,10 +90,13 @@ def pl_methods(
     extra_kinds: tuple[str, ...] = (),
     baselines: bool = True,
     layer_arm: bool = False,
+    frozen_arm: bool = False,
 ) -> dict[str, MethodEntry]:
     """``vanilla`` (plreg diagnostics only), ``plreg`` per ratio (label suffix ``_<pct>`` when
     several ratios), ``plreg_<kinds>`` for each of ``extra_kinds`` (e.g. ``"head+expert"``),
-    ``plreg_layer`` (TopK within each layer; ``layer_arm``) and the registered baselines of
+    ``plreg_layer`` (TopK within each layer; ``layer_arm``), ``plreg_layer_frozen`` (the same with
+    ``trace="frozen"``: the Tr(H) penalty's per-structure traces measured once per pruning time;
+    ``frozen_arm``, with ``layer_arm``) and the registered baselines of
     ``family`` at each ratio with the same schedule times."""
     from ntkit.methods import METHODS
 
@@ -115,6 +118,8 @@ def pl_methods(
         if layer_arm:
             spec[lab("plreg_layer", r)] = {"method": "plreg", "kind": kind, "ratio": r, "scope": "layer", **sched,
                                            **common}
+            if frozen_arm:
+                spec[lab("plreg_layer_frozen", r)] = {**spec[lab("plreg_layer", r)], "trace": "frozen"}
     if baselines:
         for name, base in _BASELINES[family].items():
             if base["method"] not in METHODS:
@@ -592,7 +597,10 @@ def _run_image(cfg: PLImageConfig, out_dir: Path, data_dir: Path | None, title: 
              "whole filters (scores summed per filter), so every method yields the same structure count."),
              ("Which filters compete: plreg ranks all the network's filters in one TopK (the seed), plreg_layer "
               "prunes the same share of every layer; FPGM and CHIP prune the same share of every layer (their "
-              "papers' protocol); LTH, SNIP, GraSP and DPFPS rank globally.")]
+              "papers' protocol); LTH, SNIP, GraSP and DPFPS rank globally."),
+             ("plreg_layer_frozen is plreg_layer with the Tr(H) penalty's per-structure traces measured once per "
+              "pruning time and held fixed while the gate trains (trace='frozen': no third-order backward); "
+              "plreg and plreg_layer differentiate the re-estimated trace at every gate step.")]
     return _pl_document(records, title=title, mlm=False, report_epochs=cfg.report_epochs, out_dir=out_dir, notes=notes)
 
 
@@ -649,7 +657,9 @@ def _image_tiers(family: str, model: str, ratios: tuple[float, ...], t0_paper: i
         # plreg_layer beside the seed's global TopK: over VGG-16's 13 layers the global TopK of
         # seed 0's cpu run cut the first layers to 1-3 filters of 16-64 (test accuracy 32% at 50%
         # pruned, chance at 90%; the features' scale differs by layer, as λmax did for MAT)
-        return pl_methods(family, "filter", ratios, schedule="linear", layer_arm=True, **kw)
+        # plreg_layer_frozen: the penalty's gradient without the third-order backward (the reading
+        # the seed's 2-3 % gate cost fits; see plreg's docstring), same gate steps and batches
+        return pl_methods(family, "filter", ratios, schedule="linear", layer_arm=True, frozen_arm=True, **kw)
 
     # gate batches of 16: a gate step (Hutchinson Tr(H) differentiated through the mask, a
     # third-order backward) costs 13 training steps at batch 64 on quarter-width VGG-16 and 4.4
