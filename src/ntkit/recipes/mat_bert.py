@@ -5,8 +5,8 @@ Offline, the WikiText-2 train split is absent: the data module trains on the fir
 valid split and validates on the rest (the split note is printed in every report).
 
 Tiers: ``ci`` (seconds, tests), ``quick`` (bert_mlm mini, T=32, batch 32, WordPiece vocab 2000,
-no dropout, one seed; vanilla, MAT and the replayed random control), ``cpu`` (mini, T=128, 3
-seeds, all five methods), ``paper`` (seed 000 Table 4: 12 layers / 12 heads / H768, T=512, batch 8,
+no dropout, one seed; vanilla, MAT and the replayed random control), ``cpu`` (the quick regime
+over 3 seeds, all five methods), ``paper`` (seed 000 Table 4: 12 layers / 12 heads / H768, T=512, batch 8,
 lr 2e-4 linear decay, 12k steps; α=0.1, β=1e-3, S=64, from epoch 5 every 8 epochs).
 
 How the quick regime was chosen (2026-11-28, vanilla pilots, lr 1e-3 linear decay after 100

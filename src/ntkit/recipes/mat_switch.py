@@ -6,8 +6,9 @@ The paper trains on WikiText-103; offline we use the WikiText-2 offline split (t
 valid[:90 %]) and say so in the report. The load-balancing loss (weight ``aux_weight``) is part
 of every method's training loss; validation/test losses are the MLM cross-entropy only.
 
-Tiers: ``ci`` (seconds), ``quick`` (switch tiny-size, 4 experts, one seed), ``cpu`` (mini, 3
-seeds), ``paper`` (seed 000 Table 4: L12/H768/12 heads, 4 experts, capacity 1.5, T=512,
+Tiers: ``ci`` (seconds), ``quick`` (switch tiny-size, 4 experts, one seed), ``cpu`` (mini, 4
+experts, ``mat-bert`` quick's T 32 / vocab 2000 regime with the paper's Switch optimizer, 3 seeds),
+``paper`` (seed 000 Table 4: L12/H768/12 heads, 4 experts, capacity 1.5, T=512,
 batch 8, 12k warm-up, 300k steps, wd 0.01, lr 1e-4 cosine, Adam ε 1e-6, β (0.9, 0.99); MAT
 every 2 epochs).
 """
