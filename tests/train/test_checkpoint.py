@@ -110,6 +110,18 @@ def test_manager_keeps_last_k_and_skips_corrupt_newest(tmp_path: Path) -> None:
     assert CheckpointManager(tmp_path / "empty").resume(model) is None
 
 
+def test_resume_applies_the_retention_a_killed_writer_did_not(tmp_path: Path) -> None:
+    """Killed after writing a checkpoint but before pruning: three files; resume keeps the two newest."""
+    model = nn.Linear(2, 2)
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    for s in range(3):
+        save_checkpoint(mgr.path_for(s), model, step=s)  # what save() writes, without its pruning
+    ck = mgr.resume(nn.Linear(2, 2))
+    assert ck is not None and ck.step == 2
+    assert [s for s, _ in mgr.checkpoints()] == [1, 2]
+    assert sorted(p.name for p in tmp_path.glob("*.sha256")) == ["ckpt-000000001.pt.sha256", "ckpt-000000002.pt.sha256"]
+
+
 def test_load_errors_are_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such file"):
         load_checkpoint(tmp_path / "nope.pt", nn.Linear(1, 1))

@@ -464,7 +464,8 @@ def train_run(
                      stateful={"method": method, "loop": st, "flops": book})
 
     if payload is not None:
-        ck = manager.resume(model, opt, None, stateful={"method": method, "loop": st, "flops": book})  # type: ignore[union-attr]
+        ck = manager.resume(model, opt, None, stateful={"method": method, "loop": st, "flops": book},  # type: ignore[union-attr]
+                            prune=main)
         assert ck is not None
         # the controller's sets as they were at the save (methods re-apply theirs on load too)
         ctl.set_pruned(torch.tensor(st.ctl_sets[1], dtype=torch.bool))

@@ -414,10 +414,18 @@ class CheckpointManager:
         stateful: Mapping[str, Stateful] | None = None,
         map_location: Any = "cpu",
         trusted: bool = False,
+        prune: bool = True,
     ) -> Checkpoint | None:
-        """Load the newest loadable checkpoint into the objects; None when there is none."""
+        """Load the newest loadable checkpoint into the objects; None when there is none. Then,
+        with ``prune`` (pass False on every process but the one that writes), apply the retention
+        (``keep_last`` newest, never the one loaded): a run killed between writing a checkpoint
+        and pruning the old ones keeps one too many, and one killed after its last checkpoint
+        writes none on resume that would prune it."""
         found = self._newest(map_location, trusted)
         if found is None:
             return None
         path, payload = found
-        return _apply(path, payload, model, optimizer, scheduler, stateful, restore_rng=True, strict=True)
+        ck = _apply(path, payload, model, optimizer, scheduler, stateful, restore_rng=True, strict=True)
+        if prune:
+            self._prune(newest=path)
+        return ck
