@@ -60,6 +60,7 @@ _BASELINES: dict[str, dict[str, dict[str, Any]]] = {
     "vgg": {
         "fpgm": {"method": "structured_prune", "criterion": "fpgm", "scope": "layer"},
         "chip": {"method": "structured_prune", "criterion": "chip", "scope": "layer"},
+        "dpfps": {"method": "structured_prune", "criterion": "dpfps"},
         "lth": {"method": "lth"},
         "snip": {"method": "structured_prune", "criterion": "snip", "at_init": True},
         "grasp": {"method": "structured_prune", "criterion": "grasp", "at_init": True},
