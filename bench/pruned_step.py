@@ -114,7 +114,7 @@ def _flops(model: torch.nn.Module, loss: Any) -> float:
     return float(c.totals()["step"])
 
 
-def _kernel_s(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: Any, steps: int = 5) -> tuple[float, float]:
+def _profiled_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: Any, steps: int = 5) -> tuple[float, float]:
     """Seconds per training step under torch.profiler: the whole step and the part spent in
     :data:`KERNEL_OPS` (their self time)."""
     from torch.profiler import ProfilerActivity, profile
@@ -150,7 +150,7 @@ def run_case(name: str, case: Any, frac: float, reps: int) -> dict:
             if i:  # the first round warms up
                 times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    prof = {k: _kernel_s(m, opts[k], loss) for k, m in models.items()}  # (step, kernels) under the profiler
+    prof = {k: _profiled_step(m, opts[k], loss) for k, m in models.items()}  # (step, kernels) seconds
     kern = {k: v[1] for k, v in prof.items()}
     res = {
         "case": name,

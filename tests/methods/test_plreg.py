@@ -158,48 +158,28 @@ def test_frozen_penalty_is_the_masked_models_exact_trace_at_a_hard_mask() -> Non
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     part = linear_neurons(net)
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
-    names = [n for n, _ in net.named_parameters()]
-    shapes = [p.shape for p in net.parameters()]
-    flat0 = torch.cat([p.detach().flatten() for p in net.parameters()])
+    named = list(net.named_parameters())
+    flat0 = torch.cat([p.detach().flatten() for _, p in named])
 
     def unflat(v: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, at = {}, 0
-        for n, sh in zip(names, shapes):
-            out[n] = v[at:at + sh.numel()].view(sh)
-            at += sh.numel()
-        return out
+        sizes = [p.numel() for _, p in named]
+        return {n: c.view(p.shape) for (n, p), c in zip(named, v.split(sizes))}
 
-    def loss_at(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        return nn.functional.cross_entropy(torch.func.functional_call(net, params, (x,)), y)
+    def loss_at(v: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(torch.func.functional_call(net, unflat(v), (x,)), y)
 
-    index = mask_index(net, part)
+    def flat_mask(active: list[bool]) -> torch.Tensor:  # the element mask of the active groups, flattened
+        ms = part.element_masks(net, active)
+        return torch.cat([ms.get(n, torch.ones_like(p, dtype=torch.bool)).flatten() for n, p in named])
+
+    everyone = [True] * len(part)
     for keep in ([1, 0, 1, 1, 0, 1], [0, 1, 1, 0, 1, 1]):
-        m = torch.tensor(keep, dtype=torch.float64)
-        masked_w = lambda v: loss_at(masked_params(_Params(unflat(v)), part, m, index))  # noqa: E731
-        h_w = torch.autograd.functional.hessian(masked_w, flat0)  # w.r.t. w at the masked point
-        mp = masked_params(net, part, m, index)
-        theta = torch.cat([mp.get(n, p).detach().flatten() for n, p in net.named_parameters()])
-        h_theta = torch.autograd.functional.hessian(lambda v: loss_at(unflat(v)), theta)
-        pos = {n: at for n, at in zip(names, torch.tensor([0] + [sh.numel() for sh in shapes]).cumsum(0).tolist())}
-        t = []
-        for g in part:
-            ids = torch.cat([(pos[sl.param] + torch.arange(shapes[names.index(sl.param)].numel()).view(
-                shapes[names.index(sl.param)]).narrow(sl.dim, sl.start, sl.stop - sl.start).flatten())
-                for sl in g.slices])
-            t.append(h_theta[ids][:, ids].diagonal().sum())
-        frozen = (m * torch.stack(t)).sum()
+        m = flat_mask([bool(k) for k in keep]).double()
+        h_w = torch.autograd.functional.hessian(lambda v, m=m: loss_at(v * m), flat0)  # w.r.t. w at m ⊙ w
+        h_theta = torch.autograd.functional.hessian(loss_at, flat0 * m).diagonal()
+        t = [h_theta[~flat_mask(everyone[:i] + [False] + everyone[i + 1:])].sum() for i in range(len(part))]
+        frozen = (torch.tensor(keep, dtype=torch.float64) * torch.stack(t)).sum()
         assert math.isclose(float(h_w.diagonal().sum()), float(frozen), rel_tol=1e-10, abs_tol=1e-12)
-
-
-class _Params(nn.Module):
-    """A stand-in module whose named_parameters() are the given tensors (for masked_params)."""
-
-    def __init__(self, params: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self._p = params
-
-    def named_parameters(self, *a, **k):  # type: ignore[override]
-        return iter(self._p.items())
 
 
 @pytest.mark.parametrize("trace", ["differentiated", "frozen"])
