@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from ntkit.recipes.report import aggregate, lambda_max_matrix, mean_std, verdict
+from ntkit.recipes.report import aggregate, claim_check, lambda_max_matrix, mean_std, verdict
 
 
 def test_mean_std_and_aggregate():
@@ -46,3 +46,44 @@ def test_lambda_max_matrix_reads_named_and_listed_histories():
     rows, when = lambda_max_matrix(hist, ["h0", "h1"])
     assert when == [1, 3]
     assert rows[0] == [2.0, 3.0] and math.isnan(rows[1][0]) and rows[1][1] == 4.0
+
+
+def _run(method, seed, acc, conv=100.0, total=100.0):
+    return {"method": method, "seed": seed, "test_acc": acc, "convergence_flops": conv, "total_flops": total}
+
+
+def _claim_runs(mat_accs, ctl_accs, mat_conv=70.0):
+    van = [0.60, 0.62, 0.64]  # mean 0.62, sample std 0.02
+    recs = [_run("vanilla", s, a) for s, a in enumerate(van)]
+    recs += [_run("mat", s, a, conv=mat_conv, total=80.0) for s, a in enumerate(mat_accs)]
+    recs += [_run("rand_replay", s, a, total=80.0) for s, a in enumerate(ctl_accs)]
+    return recs
+
+
+def test_claim_check_needs_quality_compute_and_the_control_in_every_seed():
+    good = claim_check(_claim_runs([0.61, 0.60, 0.62], [0.55, 0.59, 0.61]), ("test_acc", True))
+    assert good["met"] is True and "beat rand_replay in 3 of 3 seeds" in good["sentence"]
+    assert [r["mat beat rand_replay"] for r in good["rows"]] == ["yes", "yes", "yes"]
+    assert good["rows"][0]["mat compute to own best / vanilla's"] == "0.70×"
+    assert good["rows"][0]["mat total compute / vanilla's"] == "0.80×"
+    # mean 0.593 is 0.027 below vanilla's 0.62, more than its std 0.02
+    assert claim_check(_claim_runs([0.59, 0.59, 0.60], [0.5] * 3), ("test_acc", True))["met"] is False
+    # compute to its own best 0.8× > 0.75×
+    assert claim_check(_claim_runs([0.62] * 3, [0.5] * 3, mat_conv=80.0), ("test_acc", True))["met"] is False
+    # the control wins one seed
+    lost = claim_check(_claim_runs([0.62] * 3, [0.5, 0.63, 0.5]), ("test_acc", True))
+    assert lost["met"] is False and "2 of 3" in lost["sentence"]
+
+
+def test_claim_check_lower_is_better_and_undecidable_cases():
+    loss = [{"method": m, "seed": 0, "test_loss": v, "convergence_flops": c, "total_flops": 1.0}
+            for m, v, c in (("vanilla", 5.0, 10.0), ("mat", 4.9, 5.0), ("rand_replay", 5.1, 10.0))]
+    one = claim_check(loss, ("test_loss", False))
+    assert one["met"] is True and one["rows"][0]["mat beat rand_replay"] == "yes"
+    worse = [dict(r, test_loss=5.2) if r["method"] == "mat" else r for r in loss]
+    one_worse = claim_check(worse, ("test_loss", False))
+    assert one_worse["met"] is False  # it lost to the control; its gap to vanilla alone is undecidable
+    assert "no std" in one_worse["sentence"]
+    no_ctl = claim_check([r for r in loss if r["method"] != "rand_replay"], ("test_loss", False))
+    assert no_ctl["met"] is None and "no rand_replay runs" in no_ctl["sentence"]
+    assert claim_check([r for r in loss if r["method"] != "mat"], ("test_loss", False)) is None

@@ -67,7 +67,8 @@ def _write_run(d: Path, seeds: list[int], *, lr: float = 1e-3, records: list[dic
     d.mkdir(parents=True)
     recs = records if records is not None else [_record(m, s) for s in seeds for m in ("vanilla", "mat")]
     res = comparison_result(
-        recs, title=_TITLE, columns=_COLUMNS, out_dir=d, paper=_PAPER, paper_key="mat_table1_bert_wikitext2"
+        recs, title=_TITLE, columns=_COLUMNS, out_dir=d, paper=_PAPER, paper_key="mat_table1_bert_wikitext2",
+        quality=("test_loss", False),
     )
     doc = {
         "recipe": "mat-bert",
@@ -127,8 +128,13 @@ def test_two_single_seed_runs_merge_to_the_two_seed_runs_numbers(tmp_path: Path,
     assert "the papers' published figures" in merged and "own hardware" in merged
     # merging the two-seed run alone gives the same table
     assert _tables(merge_report([both], paper_numbers=paper_file))[0] == table
+    # the paper's claim, checked on the pooled seeds as the two-seed run checked it
+    own_res = json.loads((both / "results.json").read_text())["results"]
+    assert own_res["summary"]["paper's claim"] in merged
+    assert _tables(merged)[1] == own_res["tables"]["The paper's claim, per seed"]
+    assert [r["seed"] for r in _tables(merged)[1]] == ["0", "1"]
     # machines and relative plot links, valid from the report's folder
-    runs = _tables(merged)[1]
+    runs = _tables(merged)[2]
     assert [r["machine"].split(",")[0] for r in runs] == ["`box-a`", "`box-b`"]
     assert "[val_loss_vs_compute](../a/val_loss_vs_compute.png)" in runs[0]["plots"]
     assert (tmp_path / "out" / "../a/val_loss_vs_compute.png").is_file()

@@ -199,7 +199,7 @@ def run_image_comparison(cfg: ImageCompareConfig, out_dir: Path, data_dir: Path 
     ]
     doc = comparison_result(
         records, title=title, columns=cols, out_dir=out_dir, notes=notes,
-        paper=find_paper_numbers(cfg.paper_numbers, data_dir), paper_key=paper_key,
+        paper=find_paper_numbers(cfg.paper_numbers, data_dir), paper_key=paper_key, quality=("test_acc", True),
         extra={"split_note": note, "acc_thresholds": list(cfg.acc_thresholds)},
     )
     return doc

@@ -231,7 +231,7 @@ def run_mlm_comparison(
     doc = comparison_result(
         records, title=title, columns=cols, out_dir=out_dir, notes=notes,
         paper=find_paper_numbers(cfg.paper_numbers, data_dir), paper_key=paper_key,
-        paper_rows=paper_rows, mat_label=mat_label,
+        paper_rows=paper_rows, mat_label=mat_label, quality=("test_loss", False),
         extra={"split_note": note, "unigram_floor": task.unigram_floor},
     )
     return doc

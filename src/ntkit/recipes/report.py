@@ -42,6 +42,7 @@ __all__ = [
     "SPEEDUP_TARGET",
     "aggregate",
     "aggregate_seeds",
+    "claim_check",
     "comparison_result",
     "find_paper_numbers",
     "fmt_flops",
@@ -600,6 +601,102 @@ def verdict(agg: Mapping[str, Any], mat: str = "mat", base: str = "vanilla") -> 
     )
 
 
+def claim_check(
+    records: Sequence[Mapping[str, Any]],
+    quality: tuple[str, bool],
+    mat: str = "mat",
+    base: str = "vanilla",
+    control: str = "rand_replay",
+) -> dict | None:
+    """The paper's claim for MAT, checked seed by seed: MAT reaches vanilla's quality (its mean
+    test metric within one seed std of vanilla's mean, or better) with at most
+    :data:`SPEEDUP_TARGET` × vanilla's compute, and beats the control that replays its per-layer
+    active counts with random modules in every seed.
+
+    Compute is the paper's "Computation" column: each run's executed FLOPs to its *own* best
+    validation loss (``convergence_flops``), as a ratio to vanilla's of the same seed, averaged
+    over seeds; the total-compute ratio is shown beside it. Unlike :func:`verdict` (compute to
+    *vanilla's* best loss), this does not fail a run that converges cheaply to a loss a hair
+    above vanilla's — the quality criterion judges that loss instead.
+
+    Args:
+        records: finalized run records (``method``, ``seed``, the quality key, ``convergence_flops``,
+            ``total_flops``).
+        quality: ``(record key, higher is better)``, e.g. ``("test_acc", True)`` or ``("test_loss", False)``.
+
+    Returns: ``None`` without both ``mat`` and ``base`` records; else ``{"met": bool | None,
+        "sentence": str, "rows": per-seed table rows}``. ``met`` is ``None`` when a criterion cannot
+        be judged (one seed: no std; no control runs).
+    """
+    key, higher = quality
+    by = {(r["method"], r["seed"]): r for r in records}
+    seeds = sorted(s for (m, s) in by if m == mat and (base, s) in by)
+    if not seeds:
+        return None
+    fmt = _pct if key.endswith("acc") else _num3
+    sign = 1.0 if higher else -1.0  # > 0: MAT better
+
+    def val(m: str, s: int, k: str = key) -> float | None:
+        r = by.get((m, s))
+        v = None if r is None else r.get(k)
+        return None if v is None or not math.isfinite(float(v)) else float(v)
+
+    def ratio(s: int, k: str) -> float | None:
+        a, b = val(mat, s, k), val(base, s, k)
+        return None if a is None or b is None or b <= 0 else a / b
+
+    has_ctl = all(val(control, s) is not None for s in seeds)
+    rows, wins = [], 0
+    for s in seeds:
+        m, b, c = val(mat, s), val(base, s), val(control, s)
+        row = {"seed": str(s), base: fmt(b) if b is not None else "—", mat: fmt(m) if m is not None else "—"}
+        if has_ctl:
+            row[control] = fmt(c)  # type: ignore[arg-type]
+            won = m is not None and sign * (m - c) > 0  # type: ignore[operator]
+            wins += won
+            row[f"{mat} beat {control}"] = "yes" if won else "no"
+        cr, tr = ratio(s, "convergence_flops"), ratio(s, "total_flops")
+        row[f"{mat} compute to own best / {base}'s"] = _ratio(cr) if cr is not None else "—"
+        row[f"{mat} total compute / {base}'s"] = _ratio(tr) if tr is not None else "—"
+        rows.append(row)
+    qm = mean_std(val(mat, s) for s in seeds)
+    qb = mean_std(val(base, s) for s in seeds)
+    cr = mean_std(ratio(s, "convergence_flops") for s in seeds)
+    n = len(seeds)
+    parts, verdicts = [], []
+    if qm["mean"] is None or qb["mean"] is None:
+        verdicts.append(None)
+        parts.append(f"quality: no {key}")
+    else:
+        gap = sign * (qm["mean"] - qb["mean"])  # > 0: MAT better
+        if qb["std"] is None:
+            verdicts.append(None if gap < 0 else True)
+            parts.append(f"{key} {fmt(qm['mean'])} vs {base} {fmt(qb['mean'])} (one seed: no std to judge the gap)")
+        else:
+            ok = gap >= -qb["std"]
+            verdicts.append(ok)
+            parts.append(f"{key} {fmt(qm['mean'])} vs {base} {fmt(qb['mean'])} ± {fmt(qb['std'])} "
+                         f"({'within' if ok else 'outside'} one {base} std)")
+    if cr["mean"] is None:
+        verdicts.append(None)
+        parts.append("compute to own best: n/a")
+    else:
+        ok = cr["mean"] <= SPEEDUP_TARGET
+        verdicts.append(ok)
+        parts.append(f"compute to its own best {cr['mean']:.2f}× {base}'s (target ≤ {SPEEDUP_TARGET}×)")
+    if has_ctl:
+        verdicts.append(wins == n)
+        parts.append(f"beat {control} in {wins} of {n} seeds")
+    else:
+        verdicts.append(None)
+        parts.append(f"no {control} runs")
+    met = False if False in verdicts else (None if None in verdicts else True)
+    head = {True: "**met**", False: "**not met**", None: "**undecided**"}[met]
+    sentence = (f"The paper's claim (MAT at {base}'s quality with ≤ {SPEEDUP_TARGET}× its compute, ahead of "
+                f"{control} in every seed), over {n} seed{'s' if n > 1 else ''}: {head} — " + "; ".join(parts) + ".")
+    return {"met": met, "sentence": sentence, "rows": rows}
+
+
 #: Scalar record fields aggregated over seeds (mean ± std) for every comparison recipe.
 AGG_KEYS = (
     "test_loss",
@@ -636,6 +733,7 @@ def comparison_result(
     paper_rows: dict[str, str] | None = None,
     mat_label: str | None = "mat",
     baseline: str = "vanilla",
+    quality: tuple[str, bool] | None = None,
     extra: dict | None = None,
 ) -> dict:
     """The document a MAT comparison recipe returns (→ results.json, rendered by the runner).
@@ -651,6 +749,8 @@ def comparison_result(
             our method label → the paper's row name. Missing → no paper columns.
         mat_label: the MAT run the verdict and λmax heatmap are about (None: no verdict).
         baseline: the reference method (vanilla).
+        quality: ``(record key, higher is better)`` of the test metric the paper's claim is judged on
+            (:func:`claim_check`); None: no claim check.
         extra: more top-level fields for results.json.
 
     Returns: ``{"title", "verdict", "summary", "tables", "plots", "notes", "aggregate", "records", "layout", …}``;
@@ -687,7 +787,8 @@ def comparison_result(
             if hm is not None:
                 plots.append(hm.name)
         decided, sentence = verdict(agg, mat_label, baseline)
-    all_notes = ([sentence] if sentence else []) + list(notes)
+    claim = claim_check(records, quality, mat_label, baseline) if mat_label and quality else None
+    all_notes = [x for x in (sentence, claim and claim["sentence"]) if x] + list(notes)
     if ptab is not None:
         all_notes.append(
             f"Columns 'paper: …' are the published numbers ({ptab.get('source', paper_key)}; full-scale runs on "
@@ -701,19 +802,22 @@ def comparison_result(
             "sentence": sentence,
             "speedup_target": SPEEDUP_TARGET,
             "overhead_target": OVERHEAD_TARGET,
+            "paper_claim_met": claim["met"] if claim else None,
         },
         "summary": {
             "verdict": sentence or "n/a",
+            **({"paper's claim": claim["sentence"]} if claim else {}),
             "runs": len(records),
             "seeds": sorted({r["seed"] for r in records}),
         },
-        "tables": {title: rows},
+        "tables": {title: rows, **({"The paper's claim, per seed": claim["rows"]} if claim else {})},
         "plots": plots,
         "notes": all_notes,
         "aggregate": agg,
         "records": records,
         # how this table was built, so `ntkit report` can rebuild it from merged records (merge.py)
-        "layout": {"columns": [list(c) for c in columns], "paper_key": paper_key, "paper_rows": paper_rows or {}},
+        "layout": {"columns": [list(c) for c in columns], "paper_key": paper_key, "paper_rows": paper_rows or {},
+                   "mat_label": mat_label, "baseline": baseline, "quality": list(quality) if quality else None},
     }
     doc.update(extra or {})
     return doc
