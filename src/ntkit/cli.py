@@ -66,14 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="vanilla vs MAT vs Rand vs Multirate on the embedded digits (~1.5 min)",
-        description="Run recipe `demo` (tier quick by default, ~1.5 min): vanilla vs MAT vs Rand vs Multirate, a small ViT on the embedded "
+        help="vanilla vs MAT vs Rand vs Multirate vs the replayed random control on the embedded digits (1-4 min on 2 CPU cores)",
+        description="Run recipe `demo` (tier quick by default, 1-4 min on 2 CPU cores): vanilla vs MAT vs Rand vs Multirate vs the replayed random control, a small ViT on the embedded "
         "scikit-learn digits; prints train loss, test accuracy, wall-clock and executed "
         "FLOPs and writes results.json / report.md.",
     )
     demo.add_argument("--out", default="ntkit-demo", help="output directory (default: ./ntkit-demo)")
     demo.add_argument("--data-dir", default=None, help="dataset directory (not needed for digits)")
-    demo.add_argument("--tier", default="quick", choices=_TIERS, help="recipe tier (default: quick, ~1.5 min)")
+    demo.add_argument("--tier", default="quick", choices=_TIERS, help="recipe tier (default: quick, 1-4 min on 2 CPU cores)")
     demo.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="config overrides")
 
     run = sub.add_parser(

@@ -1,6 +1,6 @@
-"""Recipe ``demo`` (``ntkit demo``) — the comparison demo: vanilla vs MAT vs Rand vs Multirate on the
+"""Recipe ``demo`` (``ntkit demo``) — the comparison demo: vanilla vs MAT vs Rand vs Multirate vs the replayed random control on the
 embedded scikit-learn digits (no data directory needed) with ``vit_tiny``, attention heads as
-modules. The ``quick`` tier is the ~1.5-minute demo on 2 CPU cores; ``ci`` is a seconds-long
+modules. The ``quick`` tier is the 1–4-minute demo on 2 CPU cores; ``ci`` is a seconds-long
 smoke run for the tests.
 """
 
@@ -39,7 +39,7 @@ TIERS = {
 @register_recipe(
     "demo",
     tiers=TIERS,
-    description="demo: vanilla vs MAT vs Rand vs Multirate, vit_tiny on the embedded digits (~1.5 min on 2 cores, quick tier)",
+    description="demo: vanilla vs MAT vs Rand vs Multirate vs the replayed random control, vit_tiny on the embedded digits (1-4 min on 2 CPU cores, quick tier)",
 )
 def demo(cfg: ImageCompareConfig, out_dir: Path, data_dir: Path | None) -> dict:
     """Run the comparison on digits; prints the table and returns the results document."""

@@ -683,7 +683,7 @@ def claim_check(
     else:
         ok = cr["mean"] <= SPEEDUP_TARGET
         verdicts.append(ok)
-        parts.append(f"compute to its own best {cr['mean']:.2f}× {base}'s (target ≤ {SPEEDUP_TARGET}×)")
+        parts.append(f"compute to its own best {cr['mean']:.3f}× {base}'s (target ≤ {SPEEDUP_TARGET}×)")
     if has_ctl:
         verdicts.append(wins == n)
         parts.append(f"beat {control} in {wins} of {n} seeds")
