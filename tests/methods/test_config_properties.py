@@ -142,6 +142,7 @@ VALID = {
         "per_layer": st.booleans(),
         "protect": st.booleans(),
         "seed": SEED,
+        "scale_lr": st.booleans(),
     },
     "snip_struct": {
         "fraction": st.floats(0.0, 0.99),

@@ -160,6 +160,23 @@ def test_multirate_schedule_and_lr_scale():
     assert sorted(mr.history[0]["slow"] + mr.history[0]["fast"]) == sorted(part.names)
 
 
+def test_multirate_without_lr_scale_keeps_the_schedule_and_steps_slow_modules_at_eta():
+    part = make_partition(LAYOUT)
+    ctl, ctl_ref = FakeController(len(part)), FakeController(len(part))
+    mr, ref = Multirate(k=5, seed=3, scale_lr=False), Multirate(k=5, seed=3)
+    mr.bind(MODEL, part, ctl)
+    ref.bind(MODEL, part, ctl_ref)
+    assert torch.equal(mr.slow, ref.slow)  # the same split
+    ctx = make_ctx()
+    for step in range(10):
+        ctx.step = step
+        mr.before_step(ctx)
+        ref.before_step(ctx)
+        assert torch.equal(ctl.active, ctl_ref.active)  # the same active sets
+        assert mr.lr_scale() is None  # step size η for every module
+        assert (ref.lr_scale() is not None) == (step in (4, 9))
+
+
 def test_multirate_split_half_per_kind_without_protection_and_round_trip():
     part = make_partition(LAYOUT)
     mr = build_method("multirate", seed=11, protect=False)
