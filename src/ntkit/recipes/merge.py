@@ -500,13 +500,12 @@ def merge_report(
                     ]
                     lines += [f"- {k}: {v}" for k, v in claims.items() if k != "source"] + [""]
                 quality = layout.get("quality")
-                claim = None
                 if quality and layout.get("mat_label"):
                     unique = [rec for seeds in rows.values() for rec, _ in seeds.values()]
                     claim = claim_check(unique, (quality[0], bool(quality[1])), layout["mat_label"],
                                         layout.get("baseline") or "vanilla")
-                if claim is not None:
-                    lines += [claim["sentence"], "", markdown_table(claim["rows"])]
+                    if claim is not None:
+                        lines += [claim["sentence"], "", markdown_table(claim["rows"])]
                 lines += [f"- {n}" for n in dup_notes] + ([""] if dup_notes else [])
             lines += ["Runs merged here:", "", markdown_table(_runs_table(grp, base))]
     text = "\n".join(lines).rstrip() + "\n"

@@ -614,14 +614,14 @@ def claim_check(
     active counts with random modules in every seed.
 
     Compute is the paper's "Computation" column: each run's executed FLOPs to its *own* best
-    validation loss (``convergence_flops``), as a ratio to vanilla's of the same seed, averaged
-    over seeds; the total-compute ratio is shown beside it. Unlike :func:`verdict` (compute to
+    validation loss as a ratio to vanilla's of the same seed (``convergence_ratio_vs_baseline``, filled
+    by :func:`ntkit.harness.loop.finalize`), averaged over seeds; the total-compute ratio is shown beside it. Unlike :func:`verdict` (compute to
     *vanilla's* best loss), this does not fail a run that converges cheaply to a loss a hair
     above vanilla's — the quality criterion judges that loss instead.
 
     Args:
-        records: finalized run records (``method``, ``seed``, the quality key, ``convergence_flops``,
-            ``total_flops``).
+        records: finalized run records (``method``, ``seed``, the quality key,
+            ``convergence_ratio_vs_baseline``, ``total_flops``).
         quality: ``(record key, higher is better)``, e.g. ``("test_acc", True)`` or ``("test_loss", False)``.
 
     Returns: ``None`` without both ``mat`` and ``base`` records; else ``{"met": bool | None,
@@ -641,8 +641,8 @@ def claim_check(
         v = None if r is None else r.get(k)
         return None if v is None or not math.isfinite(float(v)) else float(v)
 
-    def ratio(s: int, k: str) -> float | None:
-        a, b = val(mat, s, k), val(base, s, k)
+    def total_ratio(s: int) -> float | None:
+        a, b = val(mat, s, "total_flops"), val(base, s, "total_flops")
         return None if a is None or b is None or b <= 0 else a / b
 
     has_ctl = all(val(control, s) is not None for s in seeds)
@@ -655,13 +655,13 @@ def claim_check(
             won = m is not None and sign * (m - c) > 0  # type: ignore[operator]
             wins += won
             row[f"{mat} beat {control}"] = "yes" if won else "no"
-        cr, tr = ratio(s, "convergence_flops"), ratio(s, "total_flops")
+        cr, tr = val(mat, s, "convergence_ratio_vs_baseline"), total_ratio(s)
         row[f"{mat} compute to own best / {base}'s"] = _ratio(cr) if cr is not None else "—"
         row[f"{mat} total compute / {base}'s"] = _ratio(tr) if tr is not None else "—"
         rows.append(row)
     qm = mean_std(val(mat, s) for s in seeds)
     qb = mean_std(val(base, s) for s in seeds)
-    cr = mean_std(ratio(s, "convergence_flops") for s in seeds)
+    cr = mean_std(val(mat, s, "convergence_ratio_vs_baseline") for s in seeds)
     n = len(seeds)
     parts, verdicts = [], []
     if qm["mean"] is None or qb["mean"] is None:
