@@ -27,6 +27,15 @@ output gradient for the active slices and a scatter of their weight gradient, el
 (norms, activations, softmax, optimizer) does not shrink, and BLAS / oneDNN efficiency is not
 linear in matrix size. Target: time ratio ≤ FLOP ratio + 0.05 at 50%.
 
+The measured floor (model cases, column ``floor``): the same run also times the plain model with
+every covered parameter frozen ("0% frozen": native kernels, no weight gradient and no optimizer
+update for them; an image input requires grad, so that every layer's input gradient is still
+computed, as at any f > 0), t0. A partial backward without overhead, whose weight-gradient and optimizer work
+were linear in the active fraction f, would take t0 + f·(t_plain − t0); ``floor`` is that over
+t_plain. Time above the floor is overhead (gathers, scatters, Python) or kernels that do not scale
+with the active slices; a FLOP ratio below the floor means the step's time is not its FLOPs
+(elementwise and memory-bound work the FLOP counter does not see).
+
 Memory format: the convolution cases run twice, NCHW (PyTorch's default) and channels-last
 (``*_nhwc``: model and input ``.to(memory_format=torch.channels_last)``; plain and sliced alike).
 In NCHW, oneDNN converts layouts inside every convolution call, so the split backward (input
@@ -47,7 +56,8 @@ timings and a cost per byte allocated that is not compute.
 ``--quick`` writes a JSON file only when ``--out`` is given (the committed results stay the full
 run's). :func:`main` returns the exit code (0).
 
-The last stdout line is JSON: ``{name: {"flops_ratio_50": …, "time_ratio_50": …}}``.
+The last stdout line is JSON: ``{name: {"flops_ratio_50": …, "time_ratio_50": …}}`` (model cases
+also ``"floor_ratio_50"``).
 """
 
 from __future__ import annotations
@@ -83,6 +93,7 @@ OPT = {"lr": 1e-4, "weight_decay": 0.01}
 NHWC = torch.channels_last
 _CLOCK: Callable[[], float] = time.perf_counter
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "partial_backward.json"
+FROZEN = "0% frozen"  # the plain model, covered parameters frozen: the floor's anchor
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -268,6 +279,26 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
         step50()
 
     steps["50% resampled"], models["50% resampled"] = resampled, m
+    # The floor: the plain model with every covered parameter frozen (native kernels, no weight
+    # gradient and no update for them). A partial backward with no overhead, whose weight-gradient
+    # and optimizer work were linear in the active fraction f, would take t0 + f·(t_plain − t0).
+    # The configurations above compute every layer's input gradient (each layer keeps an active
+    # group); so does the anchor: an image input requires grad (else a network whose covered
+    # parameters are all frozen would stop its backward at the classifier). That adds the first
+    # layer's input gradient, which the others skip: the floor errs high.
+    m = copy.deepcopy(base)
+    covered = {s.param for g in make_part(m) for s in g.slices}
+    for n, p in m.named_parameters():
+        p.requires_grad_(n not in covered)
+    x0 = batch[0].detach().requires_grad_(batch[0].is_floating_point())
+    anchor = _step_fn(m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], **OPT),
+                      (x0, *batch[1:]), task, opt_t.setdefault(FROZEN, []))
+
+    def frozen(x0: Tensor = x0) -> None:
+        x0.grad = None
+        anchor()
+
+    steps[FROZEN], models[FROZEN] = frozen, m
 
     # Every step (timed or counted) starts from the initial weights: the steps train, and a MoE
     # routes by its weights, so without the reset the counted FLOPs would not be those timed (and
@@ -299,8 +330,16 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
     res: dict[str, Any] = {"what": "training step", "time_s": t, "opt_time_s": opt_s, "flops": flops}
     res["flops_ratio"] = {k: flops[k] / flops["full"] for k in steps}
     res["time_ratio"] = {k: t[k] / t["full"] for k in steps}
+    t0, t_plain = t[FROZEN], t["full"]
+    res["floor_ratio"] = {k: (t0 + _fraction(k) * (t_plain - t0)) / t_plain for k in steps if k != FROZEN}
     res["flops_ratio_50"], res["time_ratio_50"] = res["flops_ratio"]["50%"], res["time_ratio"]["50%"]
+    res["floor_ratio_50"] = res["floor_ratio"]["50%"]
     return res
+
+
+def _fraction(key: str) -> float:
+    """The active fraction of a configuration key ("full" → 1, "50% resampled" → 0.5)."""
+    return 1.0 if key == "full" else int(key.split("%")[0]) / 100
 
 
 # ----------------------------------------------------------------------------------- main
@@ -336,20 +375,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"partial backward, torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}, "
           f"{repeats} interleaved repeats (medians), {args.clock} clock{' [quick]' if args.quick else ''}")
     print(f"{'case':<28}{'measured':<15}{'active':>14}{'time s':>10}{'time ratio':>12}{'FLOP ratio':>12}{'ok':>5}"
-          f"{'optimizer s':>13}")
+          f"{'optimizer s':>13}{'floor':>8}")
     for name, r in results.items():
         if r["what"] == "backward":
-            rows = [("100%", r["time_full_s"], 1.0, 1.0, None),
-                    ("50%", r["time_50_s"], r["time_ratio_50"], r["flops_ratio_50"], None)]
+            rows = [("100%", r["time_full_s"], 1.0, 1.0, None, None),
+                    ("50%", r["time_50_s"], r["time_ratio_50"], r["flops_ratio_50"], None, None)]
         else:
-            rows = [(k, r["time_s"][k], r["time_ratio"][k], r["flops_ratio"][k], r["opt_time_s"][k])
-                    for k in r["time_s"] if k != "full"]
-            rows.insert(0, ("plain", r["time_s"]["full"], 1.0, 1.0, r["opt_time_s"]["full"]))
-        for k, ts, tr, fr, os_ in rows:
+            rows = [(k, r["time_s"][k], r["time_ratio"][k], r["flops_ratio"][k], r["opt_time_s"][k],
+                     r["floor_ratio"].get(k)) for k in r["time_s"] if k != "full"]
+            rows.insert(0, ("plain", r["time_s"]["full"], 1.0, 1.0, r["opt_time_s"]["full"], 1.0))
+        for k, ts, tr, fr, os_, fl in rows:
             ok = "" if k != "50%" else ("yes" if tr <= fr + 0.05 else "NO")
             opt_col = "" if os_ is None else f"{os_:.4f}"
-            print(f"{name:<28}{r['what']:<15}{k:>14}{ts:>10.4f}{tr:>12.3f}{fr:>12.3f}{ok:>5}{opt_col:>13}")
-    summary = {k: {"flops_ratio_50": round(v["flops_ratio_50"], 4), "time_ratio_50": round(v["time_ratio_50"], 4)}
+            fl_col = "" if fl is None else f"{fl:.3f}"
+            print(f"{name:<28}{r['what']:<15}{k:>14}{ts:>10.4f}{tr:>12.3f}{fr:>12.3f}{ok:>5}{opt_col:>13}{fl_col:>8}")
+    summary = {k: {key: round(v[key], 4) for key in ("flops_ratio_50", "time_ratio_50", "floor_ratio_50") if key in v}
                for k, v in results.items()}
     payload = {
         "config": {"quick": args.quick, "repeats": repeats, "clock": args.clock, "threads": torch.get_num_threads(),

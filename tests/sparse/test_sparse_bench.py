@@ -26,9 +26,15 @@ def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) ->
     doc = json.loads(out.read_text())
     assert doc["summary"] == last
     for name, r in last.items():
-        assert set(r) == {"flops_ratio_50", "time_ratio_50"}, name
+        model = name in doc["results"] and doc["results"][name]["what"] == "training step"
+        assert set(r) == {"flops_ratio_50", "time_ratio_50"} | ({"floor_ratio_50"} if model else set()), name
         assert 0.5 < r["flops_ratio_50"] < 1.0, (name, r)  # inactive weight-gradient work was not executed
         assert r["time_ratio_50"] > 0
+        if model:  # the floor's anchor trained none of the covered parameters: fewer FLOPs than 50%
+            res = doc["results"][name]
+            assert res["flops"]["0% frozen"] < res["flops"]["50%"] < res["flops"]["full"], name
+            t0, t = res["time_s"]["0% frozen"], res["time_s"]["full"]
+            assert r["floor_ratio_50"] == pytest.approx((t0 + 0.5 * (t - t0)) / t, abs=1e-4), name
     return last
 
 
@@ -37,6 +43,11 @@ def test_bench_layers_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     last = _run(tmp_path, capsys, ["--only", *names])
     assert set(last) == set(names)
     assert abs(last["linear_rows"]["flops_ratio_50"] - 0.75) < 1e-6
+
+
+def test_bench_model_floor_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    last = _run(tmp_path, capsys, ["--only", "vgg16_w0.25_filters_nhwc"])
+    assert set(last) == {"vgg16_w0.25_filters_nhwc"}
 
 
 @pytest.mark.slow
