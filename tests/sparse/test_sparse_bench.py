@@ -26,7 +26,7 @@ def _run(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]) ->
     doc = json.loads(out.read_text())
     assert doc["summary"] == last
     for name, r in last.items():
-        model = name in doc["results"] and doc["results"][name]["what"] == "training step"
+        model = doc["results"][name]["what"] == "training step"
         assert set(r) == {"flops_ratio_50", "time_ratio_50"} | ({"floor_ratio_50"} if model else set()), name
         assert 0.5 < r["flops_ratio_50"] < 1.0, (name, r)  # inactive weight-gradient work was not executed
         assert r["time_ratio_50"] > 0
