@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from ntkit import partition as P
 from ntkit.errors import ConfigError
 from ntkit.models.layers import TransformerBlock
-from ntkit.sparse import SlicedAdamW, attach
+from ntkit.sparse import SlicedAdamW, SlicedSGD, attach
 
 HP = {"lr": 1e-2, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.1}
 
@@ -241,3 +241,92 @@ def test_bad_hyperparameters() -> None:
         SlicedAdamW(m, ctl, lr=-1.0)
     with pytest.raises(ConfigError, match="betas"):
         SlicedAdamW(m, ctl, betas=(0.9, 1.0))
+
+
+def _count_fused(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Wrap ``torch.<name>`` to record how many tensors each call updated."""
+    calls: list[int] = []
+    real = getattr(torch, name)
+
+    def spy(params, *args, **kw):  # type: ignore[no-untyped-def]
+        assert all(p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last) for p in params)
+        calls.append(len(params))
+        return real(params, *args, **kw)
+
+    monkeypatch.setattr(torch, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_float32_uses_torchs_fused_kernel_and_equals_torch_fused_adamw(monkeypatch, layout) -> None:
+    """float32, every group active: all parameters go through one ``torch._fused_adamw_`` call
+    and the numbers are torch.optim.AdamW(fused=True)'s, bit for bit (channels-last too)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten())
+    x = torch.randn(2, 3, 6, 6)
+    if layout == "nhwc":
+        m, x = m.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    ref = copy.deepcopy(m)
+    opt = SlicedAdamW(m, attach(m, P.conv_filters(m)), **HP)
+    ref_opt = torch.optim.AdamW(ref.parameters(), fused=True, **HP)
+    calls = _count_fused(monkeypatch, "_fused_adamw_")
+    for step in range(3):
+        for model, o in ((m, opt), (ref, ref_opt)):
+            o.zero_grad(set_to_none=True)
+            _backward(model, x, step)
+            o.step()
+    assert calls[::2] == [len(list(m.parameters()))] * 3  # ours: one call per step for all of them
+    for (name, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_float32_fused_partial_step_leaves_inactive_slices_and_strided_views_exact(monkeypatch) -> None:
+    """float32, half the groups active: gathered rows and contiguous row views go through the fused
+    kernel, column slices (strided views) through the per-operation path; one step equals the
+    per-operation path everywhere (to float32 rounding; over several steps Adam turns rounding into
+    visible differences where a gradient is analytically zero, e.g. a key bias) and inactive
+    slices are untouched."""
+    import ntkit.sparse.optim as O
+
+    torch.manual_seed(0)
+    m = nn.Sequential(TransformerBlock(8, 2, 12, dropout=0.0), TransformerBlock(8, 2, 12, dropout=0.0, num_experts=2))
+    m = m.eval()
+    x = torch.randn(2, 4, 8)
+    part = P.auto(m)
+    m2 = copy.deepcopy(m)
+    ctl, ctl2 = attach(m, part), attach(m2, copy.deepcopy(part))
+    active = torch.tensor([i % 2 == 0 for i in range(len(part))])
+    ctl.set_active(active)
+    ctl2.set_active(active)
+    opt, ref = SlicedAdamW(m, ctl, **HP), SlicedAdamW(m2, ctl2, **HP)
+    before = copy.deepcopy(m.state_dict())
+    calls = _count_fused(monkeypatch, "_fused_adamw_")
+    for model, o, fused in ((m, opt, True), (m2, ref, False)):
+        monkeypatch.setattr(O, "_FUSED", fused)
+        _backward(model, x, 0)
+        o.step()
+    assert len(calls) == 1 and calls[0] > 0
+    masks = part.element_masks(m, active)
+    for (name, p), (_, q) in zip(m.named_parameters(), m2.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+        mk = masks.get(name, torch.ones_like(p, dtype=torch.bool))
+        assert torch.equal(p.detach()[~mk], before[name][~mk]), name
+
+
+def test_float32_sgd_uses_fused_kernel_and_equals_torch_fused_sgd(monkeypatch) -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten())
+    x = torch.randn(2, 3, 6, 6)
+    ref = copy.deepcopy(m)
+    hp = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+    opt = SlicedSGD(m, attach(m, P.conv_filters(m)), **hp)
+    ref_opt = torch.optim.SGD(ref.parameters(), fused=True, **hp)
+    calls = _count_fused(monkeypatch, "_fused_sgd_")
+    for step in range(3):
+        for model, o in ((m, opt), (ref, ref_opt)):
+            o.zero_grad(set_to_none=True)
+            _backward(model, x, step)
+            o.step()
+    assert calls[::2] == [len(list(m.parameters()))] * 3
+    for (name, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p, q), name

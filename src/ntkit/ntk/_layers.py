@@ -3,10 +3,13 @@
 * :func:`check_independent` — refuse models whose output for one sample depends on the others
   (or is random): every per-sample kernel assumes sample i's output depends on sample i only.
 * Conv2d geometry: :func:`conv_padding` (explicit zero padding, ``"valid"`` / ``"same"``
-  resolved), :func:`conv_output_hw`, and :func:`unfold` (im2col as one strided copy).
+  resolved), :func:`conv_output_hw`, :func:`unfold` (im2col as one strided copy) and
+  :func:`unfold_rows` (the same patches, one row per output position, channels innermost).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,7 +19,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from ntkit.errors import UnsupportedModelError
 from ntkit.structure import structure_of
 
-__all__ = ["check_independent", "conv_output_hw", "conv_padding", "conv_padding_hw", "unfold"]
+__all__ = ["check_independent", "conv_output_hw", "conv_padding", "conv_padding_hw", "unfold", "unfold_rows"]
 
 
 def check_independent(model: nn.Module, caller: str) -> None:
@@ -91,3 +94,22 @@ def unfold(x: Tensor, conv: nn.Conv2d) -> Tensor:
     sn, sc, sy, sx = xp.stride()
     v = xp.as_strided((n, c, kh, kw, ho, wo), (sn, sc, sy * dh, sx * dw, sy * sh, sx * sw))
     return v.reshape(n, c * kh * kw, ho * wo)
+
+
+def unfold_rows(x: Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int]) -> Tensor:
+    """Input patches as a matrix with one row per output position, channels innermost:
+    x [N, C, H, W] → [N·Ho·Wo, kh·kw·C], column (i, j, c) = tap (i, j) of channel c — the memory
+    order of a channels-last weight [Cout, C, kh, kw], so ``patchesᵀ @ δ`` is the weight gradient
+    of the filters whose output-gradient columns δ [N·Ho·Wo, k] holds. One strided copy of the
+    zero-padded input (symmetric ``padding`` (ph, pw)); channels-last ``x`` reads contiguous runs."""
+    n, c = x.shape[:2]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    xp = x.permute(0, 2, 3, 1)  # [N, H, W, C]: a contiguous view for channels-last x
+    if ph or pw:
+        xp = F.pad(xp, (0, 0, pw, pw, ph, ph))
+    ho = (xp.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    wo = (xp.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    sn, sy, sx, sc = xp.stride()
+    v = xp.as_strided((n, ho, wo, kh, kw, c), (sn, sy * sh, sx * sw, sy * dh, sx * dw, sc), xp.storage_offset())
+    return v.reshape(n * ho * wo, kh * kw * c)
