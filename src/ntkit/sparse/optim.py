@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 import torch
 from torch import Tensor, nn
 
@@ -35,13 +37,17 @@ class _SlicedOptimizer(torch.optim.Optimizer):
         self._name_of = {id(p): n for n, p in named}
         # id(param) → (Idx, state rows…) gathered for the current active set (see the subclasses)
         self._compact: dict[int, tuple[Any, ...]] = {}
+        # 1-D parameters with scattered active rows (BN and bias vectors) are updated together:
+        # member key → (global index, row counts, state rows, members), see _vector_jobs
+        self._vec: dict[tuple[tuple[int, int], ...], tuple[Tensor, list[int], list[Tensor], list[_Vec]]] = {}
+        self._vec_of: dict[int, tuple[tuple[int, int], ...]] = {}  # id(param) → its key in _vec
         super().__init__([p for _, p in named], defaults)
         ctl.keep_grad_rows = True  # the backward hands over the active gradient rows it computed
 
     def _job_dense(self, p: Tensor, group: dict[str, Any]) -> _Job:
         raise NotImplementedError
 
-    def _job_sliced(self, p: Tensor, name: str, group: dict[str, Any], lr_scale: Tensor | None) -> _Job | None:
+    def _job_sliced(self, p: Tensor, name: str, group: dict[str, Any], lr_scale: Tensor | None) -> _Job | _Vec | None:
         raise NotImplementedError
 
     def _apply(self, jobs: list[_Job], group: dict[str, Any]) -> None:
@@ -58,6 +64,8 @@ class _SlicedOptimizer(torch.optim.Optimizer):
 
     def _release(self, p: Tensor, d: int) -> None:
         """Write ``p``'s gathered state rows (if any) back into ``state`` and forget them."""
+        if id(p) in self._vec_of:
+            self._release_vec(self._vec_of[id(p)])
         cached = self._compact.pop(id(p), None)
         if cached is not None:
             old, *rows = cached
@@ -75,8 +83,56 @@ class _SlicedOptimizer(torch.optim.Optimizer):
         self._release(p, d)
         return [idx.take(self.state[p][key], d) for key in self._state_keys()]
 
+    def _write_vec(self, key: tuple[tuple[int, int], ...]) -> None:
+        """Write the state rows of vector batch ``key`` back into each member's ``state``."""
+        _, sizes, rows, members = self._vec[key]
+        for name, r in zip(self._state_keys(), rows):
+            for e, part in zip(members, r.split(sizes)):
+                e.idx.put(self.state[e.p][name], 0, part)
+
+    def _release_vec(self, key: tuple[tuple[int, int], ...]) -> None:
+        self._write_vec(key)
+        for e in self._vec.pop(key)[3]:
+            self._vec_of.pop(id(e.p), None)
+
+    def _vector_jobs(self, entries: list[_Vec]) -> list[_Job]:
+        """One job per (device, dtype, step, lr) for 1-D parameters whose active rows are scattered:
+        their rows are gathered from one concatenation (a copy of a few KB), updated together and
+        written back by one copy per parameter list, instead of three index operations per
+        vector. The state rows stay gathered while the batch (members and their index sets) lasts,
+        like ``_compact``."""
+        batches: dict[tuple[Any, ...], list[_Vec]] = {}
+        for e in entries:
+            batches.setdefault((e.p.device, e.p.dtype, e.step, e.lr), []).append(e)
+        keyed = {tuple((id(e.p), id(e.idx)) for e in es): es for es in batches.values()}
+        for key in [k for k in self._vec if k not in keyed]:  # batches that ended: state back first
+            self._release_vec(key)
+        jobs = []
+        for key, es in keyed.items():
+            ps = [e.p for e in es]
+            if key not in self._vec:
+                for p in ps:
+                    self._release(p, 0)
+                sizes = [len(e.idx) for e in es]
+                offsets = np.cumsum([0] + [p.numel() for p in ps[:-1]])
+                gidx = torch.from_numpy(np.concatenate([e.idx.index.numpy() + o for e, o in zip(es, offsets)]))
+                gidx = gidx.to(ps[0].device)
+                names = [k for k in self._state_keys() if k in self.state[ps[0]]]
+                rows = [torch.cat([self.state[p][k] for p in ps]).index_select(0, gidx) for k in names]
+                self._vec[key] = (gidx, sizes, rows, es)
+                for p in ps:
+                    self._vec_of[id(p)] = key
+            gidx, _, rows, _ = self._vec[key]
+            flat = torch.cat(ps)
+            w = flat.index_select(0, gidx)
+            g = torch.cat([p.grad for p in ps]).index_select(0, gidx)
+            jobs.append(_Job([w, g, *rows], es[0].step, es[0].lr, back=(gidx, flat, ps)))
+        return jobs
+
     def flush(self) -> None:
         """Write the gathered state rows back into ``state`` (they stay valid for the next step)."""
+        for key in self._vec:
+            self._write_vec(key)
         by_id = {id(p): p for g in self.param_groups for p in g["params"]}
         for pid, (idx, *rows) in self._compact.items():
             p = by_id[pid]
@@ -90,6 +146,8 @@ class _SlicedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._compact.clear()  # the loaded state replaces the gathered rows
+        self._vec.clear()
+        self._vec_of.clear()
         super().load_state_dict(state_dict)
 
     @torch.no_grad()
@@ -103,13 +161,18 @@ class _SlicedOptimizer(torch.optim.Optimizer):
         lr_scale = _check_lr_scale(lr_scale, len(self.ctl.partition))
         for group in self.param_groups:
             jobs: list[_Job] = []
+            vec: list[_Vec] = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 name = self._name_of[id(p)]
                 job = self._job_sliced(p, name, group, lr_scale) if name in self.ctl.slicings else self._job_dense(p, group)
-                if job is not None:
+                if isinstance(job, _Vec):
+                    vec.append(job)
+                elif job is not None:
                     jobs.append(job)
+            if vec or self._vec:
+                jobs += self._vector_jobs(vec)
             fused = [j for j in jobs if j.uniform and j.fusable]
             if fused:
                 self._apply_fused(fused, group)
@@ -138,9 +201,31 @@ class _Job:
         self.fusable = _FUSED and _flat_alike(tensors)
 
     def write_back(self) -> None:
-        if self.back is not None:
-            idx, p, d = self.back
-            idx.put(p, d, self.tensors[0])
+        if self.back is None:
+            return
+        if isinstance(self.back[1], Tensor) and isinstance(self.back[2], list):  # a vector batch
+            gidx, flat, ps = self.back
+            flat.index_copy_(0, gidx, self.tensors[0])
+            torch._foreach_copy_(ps, flat.split([p.numel() for p in ps]))
+            return
+        idx, p, d = self.back
+        idx.put(p, d, self.tensors[0])
+
+
+class _Vec:
+    """A 1-D parameter whose scattered active rows join a vector batch (``_vector_jobs``)."""
+
+    __slots__ = ("idx", "lr", "p", "step")
+
+    def __init__(self, p: Tensor, idx: Any, step: int, lr: float) -> None:
+        self.p, self.idx, self.step, self.lr = p, idx, step, lr
+
+
+def _vectorizable(p: Tensor, idx: Any, step: int | Tensor, lr: float | Tensor) -> bool:
+    """Whether ``p``'s gathered update can join a vector batch: 1-D, one step count and lr, and a
+    dtype / device torch's fused kernels take."""
+    return (_FUSED and p.dim() == 1 and not isinstance(step, Tensor) and not isinstance(lr, Tensor)
+            and p.dtype in _FUSED_DTYPES and p.device.type in _FUSED_DEVICES)
 
 
 # torch's fused optimizer kernels (CPU since torch 2.4) walk each tensor's memory as one flat
@@ -215,6 +300,7 @@ class SlicedAdamW(_SlicedOptimizer):
         check(eps >= 0, "eps", eps, "a number >= 0")
         check(weight_decay >= 0, "weight_decay", weight_decay, "a number >= 0")
         super().__init__(model, ctl, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        self._counts: dict[int, tuple[Tensor, np.ndarray]] = {}  # id(param) → (state["step"], its numpy view)
 
     def _state_keys(self) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
@@ -232,7 +318,7 @@ class SlicedAdamW(_SlicedOptimizer):
         st["step"] += 1
         return _Job([p, p.grad, st["exp_avg"], st["exp_avg_sq"]], int(st["step"].item()), group["lr"])
 
-    def _job_sliced(self, p: Tensor, name: str, group: dict[str, Any], lr_scale: Tensor | None) -> _Job | None:
+    def _job_sliced(self, p: Tensor, name: str, group: dict[str, Any], lr_scale: Tensor | None) -> _Job | _Vec | None:
         sl = self.ctl.slicings[name]
         st = self._init_state(p, (p.shape[sl.dim],))
         idx = self.ctl.active_sel(name)
@@ -241,10 +327,13 @@ class SlicedAdamW(_SlicedOptimizer):
             return None
         # per-index step counts live in a CPU float32 tensor: count on its numpy view (no kernel
         # launches, no device syncs) and hand Adam a Python int when the active counts agree
-        if st["step"].device.type != "cpu" or st["step"].dtype != torch.float32:  # e.g. loaded with map_location
-            st["step"] = st["step"].to("cpu", torch.float32)
-        counts = st["step"].numpy()
-        rows = slice(None) if idx is None else idx.index.numpy()
+        view = self._counts.get(id(p))
+        if view is None or view[0] is not st["step"]:
+            if st["step"].device.type != "cpu" or st["step"].dtype != torch.float32:  # e.g. loaded with map_location
+                st["step"] = st["step"].to("cpu", torch.float32)
+            view = self._counts[id(p)] = (st["step"], st["step"].numpy())
+        counts = view[1]
+        rows = slice(None) if idx is None else idx.rows
         counts[rows] += 1
         steps = counts[rows]
         shape = [1] * p.dim()
@@ -259,6 +348,8 @@ class SlicedAdamW(_SlicedOptimizer):
             self._release(p, d)  # a set with gathered rows before: they go back first
             ts = [p, p.grad, st["exp_avg"], st["exp_avg_sq"]]
             return _Job(ts if idx is None else [idx.take(t, d) for t in ts], step, lr)
+        if _vectorizable(p, idx, step, lr):
+            return _Vec(p, idx, step, lr)  # type: ignore[arg-type]
         m, v = self._rows(p, idx, d)
         self._compact[id(p)] = (idx, m, v)
         w = idx.take(p, d)
@@ -411,7 +502,7 @@ class SlicedSGD(_SlicedOptimizer):
         buf = self._buffer(p, group)
         return _Job([p, p.grad] + ([] if buf is None else [buf]), 0, group["lr"])
 
-    def _job_sliced(self, p: Tensor, name: str, group: dict[str, Any], lr_scale: Tensor | None) -> _Job | None:
+    def _job_sliced(self, p: Tensor, name: str, group: dict[str, Any], lr_scale: Tensor | None) -> _Job | _Vec | None:
         sl = self.ctl.slicings[name]
         idx = self.ctl.active_sel(name)
         g_rows = self.ctl.take_grad_rows(name, p.grad)  # (handed out once: taken on every path)
@@ -426,6 +517,8 @@ class SlicedSGD(_SlicedOptimizer):
             self._release(p, d)  # a set with gathered rows before: they go back first
             ts = [p, p.grad] + ([] if buf is None else [buf])
             return _Job(ts if idx is None else [idx.take(t, d) for t in ts], 0, lr)
+        if _vectorizable(p, idx, 0, lr):
+            return _Vec(p, idx, 0, lr)  # type: ignore[arg-type]
         w = idx.take(p, d)
         g = g_rows if g_rows is not None and g_rows.shape == w.shape else idx.take(p.grad, d)
         ts = [w, g]
