@@ -82,7 +82,7 @@ from ntkit import partition as P
 from ntkit.models import build_model, mlm_loss
 from ntkit.models.layers import MultiHeadSelfAttention, SwitchFFN
 from ntkit.partition import Partition
-from ntkit.sparse import SlicedAdamW, attach
+from ntkit.sparse import SlicedAdamW, _functions, attach
 from ntkit.train.allocator import tune_cpu_allocator
 
 __all__ = ["main"]
@@ -330,7 +330,8 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
     for k, fn in steps.items():
         reset(models[k])
         flops[k] = _flops(fn)
-    res: dict[str, Any] = {"what": "training step", "time_s": t, "opt_time_s": opt_s, "flops": flops}
+    res: dict[str, Any] = {"what": "training step", "time_s": t, "opt_time_s": opt_s, "flops": flops,
+                           "conv_weight_grad_kernels": _kernel_choices()}
     res["flops_ratio"] = {k: flops[k] / flops["full"] for k in steps}
     res["time_ratio"] = {k: t[k] / t["full"] for k in steps}
     t0, t_plain = t[FROZEN], t["full"]
@@ -338,6 +339,13 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
     res["flops_ratio_50"], res["time_ratio_50"] = res["flops_ratio"]["50%"], res["time_ratio"]["50%"]
     res["floor_ratio_50"] = res["floor_ratio"]["50%"]
     return res
+
+
+def _kernel_choices() -> dict[str, str]:
+    """The convolution weight-gradient kernel ``NTKIT_CONV_WGRAD=auto`` measured faster, per
+    problem (input shape → filters at 1/8 granularity: kernel), for the record."""
+    return {f"{tuple(k[0])}->{k[3][0]} filters, {k[4]}/8 active": v for k, v in sorted(_functions._WGRAD_CHOICE.items(),
+                                                                                         key=lambda kv: str(kv[0]))}
 
 
 def _fraction(key: str) -> float:

@@ -57,6 +57,12 @@ class _SlicedOptimizer(torch.optim.Optimizer):
         call of torch's fused kernel per device and dtype."""
         raise NotImplementedError
 
+    def _apply_rows(self, jobs: list[_Job], group: dict[str, Any]) -> None:
+        """``_apply`` for jobs whose step count or lr differs per row (one device and dtype): the
+        per-row factors are computed on the host (numpy), moved in one copy, and the update runs
+        as ``_foreach_*`` operations over all the jobs."""
+        raise NotImplementedError
+
     def _state_keys(self) -> tuple[str, ...]:
         """The per-element state tensors kept compact (gathered) while an active set lasts."""
         raise NotImplementedError
@@ -84,10 +90,9 @@ class _SlicedOptimizer(torch.optim.Optimizer):
 
     def _write_vec(self, key: tuple[tuple[int, int], ...]) -> None:
         """Write the state rows of vector batch ``key`` back into each member's ``state``."""
-        _, sizes, rows, members = self._vec[key]
+        gidx, _, rows, members = self._vec[key]
         for name, r in zip(self._state_keys(), rows):
-            for e, part in zip(members, r.split(sizes)):
-                e.idx.put(self.state[e.p][name], 0, part)
+            _put_flat([self.state[e.p][name] for e in members], gidx, r)
 
     def _release_vec(self, key: tuple[tuple[int, int], ...]) -> None:
         self._write_vec(key)
@@ -101,8 +106,9 @@ class _SlicedOptimizer(torch.optim.Optimizer):
         vector. The state rows stay gathered while the batch (members and their index sets) lasts,
         like ``_compact``."""
         batches: dict[tuple[Any, ...], list[_Vec]] = {}
-        for e in entries:
-            batches.setdefault((e.p.device, e.p.dtype, e.step, e.lr), []).append(e)
+        for e in entries:  # one batch per step count and lr; entries with per-row ones share one
+            rows = isinstance(e.step, np.ndarray) or isinstance(e.lr, np.ndarray)
+            batches.setdefault((e.p.device, e.p.dtype) + ((None,) if rows else (e.step, e.lr)), []).append(e)
         keyed = {tuple((id(e.p), id(e.idx)) for e in es): es for es in batches.values()}
         for key in [k for k in self._vec if k not in keyed]:  # batches that ended: state back first
             self._release_vec(key)
@@ -125,7 +131,11 @@ class _SlicedOptimizer(torch.optim.Optimizer):
             flat = torch.cat(ps)
             w = flat.index_select(0, gidx)
             g = torch.cat([p.grad for p in ps]).index_select(0, gidx)
-            jobs.append(_Job([w, g, *rows], es[0].step, es[0].lr, back=(gidx, flat, ps)))
+            step, lr = es[0].step, es[0].lr
+            if any(isinstance(e.step, np.ndarray) or isinstance(e.lr, np.ndarray) for e in es):
+                step, lr = (np.concatenate([np.broadcast_to(np.asarray(getattr(e, a), dtype=np.float64), len(e.idx))
+                                            for e in es]) for a in ("step", "lr"))
+            jobs.append(_Job([w, g, *rows], step, lr, back=(gidx, flat, ps)))
         return jobs
 
     def flush(self) -> None:
@@ -178,25 +188,27 @@ class _SlicedOptimizer(torch.optim.Optimizer):
             batched = [j for j in jobs if j.uniform and not j.fusable]
             if batched:
                 self._apply(batched, group)
+            per_row = [j for j in jobs if not j.uniform]
+            for js in _by_device_dtype(per_row).values():
+                self._apply_rows(js, group)
             for j in jobs:
-                if not j.uniform:
-                    self._apply([j], group)
                 j.write_back()
         return loss
 
 
 class _Job:
     """One parameter's share of a step: ``tensors`` (parameter rows, gradient rows, state rows —
-    views or gathered copies), its ``step`` count and ``lr`` (Python numbers, or float64 tensors
-    per row: then ``uniform`` is False and the job is updated on its own), and where gathered
-    parameter rows go back (``back``: (Idx, parameter, dim) or None for views)."""
+    views or gathered copies), its ``step`` count and ``lr`` (Python numbers, or float64 numpy arrays
+    per row, shaped to broadcast along the sliced dim: then ``uniform`` is False and the job goes to
+    ``_apply_rows``), and where gathered parameter rows go back (``back``: (Idx, parameter, dim),
+    (global index, concatenation, parameters) for a vector batch, or None for views)."""
 
     __slots__ = ("back", "fusable", "lr", "step", "tensors", "uniform")
 
-    def __init__(self, tensors: list[Tensor], step: int | Tensor, lr: float | Tensor,
-                 back: tuple[Any, Tensor, int] | None = None) -> None:
+    def __init__(self, tensors: list[Tensor], step: int | np.ndarray, lr: float | np.ndarray,
+                 back: tuple[Any, Any, Any] | None = None) -> None:
         self.tensors, self.step, self.lr, self.back = tensors, step, lr, back
-        self.uniform = not isinstance(step, Tensor) and not isinstance(lr, Tensor)
+        self.uniform = not isinstance(step, np.ndarray) and not isinstance(lr, np.ndarray)
         self.fusable = _FUSED and _flat_alike(tensors)
 
     def write_back(self) -> None:
@@ -204,11 +216,19 @@ class _Job:
             return
         if isinstance(self.back[1], Tensor) and isinstance(self.back[2], list):  # a vector batch
             gidx, flat, ps = self.back
-            flat.index_copy_(0, gidx, self.tensors[0])
-            torch._foreach_copy_(ps, flat.split([p.numel() for p in ps]))
+            _put_flat(ps, gidx, self.tensors[0], flat)
             return
         idx, p, d = self.back
         idx.put(p, d, self.tensors[0])
+
+
+def _put_flat(ts: list[Tensor], gidx: Tensor, rows: Tensor, flat: Tensor | None = None) -> None:
+    """Write ``rows`` into the 1-D tensors ``ts`` at positions ``gidx`` of their concatenation
+    (``flat``: that concatenation, if at hand): three operations for any number of tensors. The
+    other elements are written back unchanged."""
+    flat = torch.cat(ts) if flat is None else flat
+    flat.index_copy_(0, gidx, rows)
+    torch._foreach_copy_(ts, flat.split([t.numel() for t in ts]))
 
 
 class _Vec:
@@ -216,15 +236,34 @@ class _Vec:
 
     __slots__ = ("idx", "lr", "p", "step")
 
-    def __init__(self, p: Tensor, idx: Any, step: int, lr: float) -> None:
+    def __init__(self, p: Tensor, idx: Any, step: int | np.ndarray, lr: float | np.ndarray) -> None:
         self.p, self.idx, self.step, self.lr = p, idx, step, lr
 
 
-def _vectorizable(p: Tensor, idx: Any, step: int | Tensor, lr: float | Tensor) -> bool:
-    """Whether ``p``'s gathered update can join a vector batch: 1-D, one step count and lr, and a
-    dtype / device torch's fused kernels take."""
-    return (_FUSED and p.dim() == 1 and not isinstance(step, Tensor) and not isinstance(lr, Tensor)
-            and p.dtype in _FUSED_DTYPES and p.device.type in _FUSED_DEVICES)
+def _vectorizable(p: Tensor) -> bool:
+    """Whether ``p``'s gathered update can join a vector batch: 1-D, in a dtype and on a device
+    torch's fused kernels take (float64 stays per parameter: see ``_FUSED_DTYPES``)."""
+    return _FUSED and p.dim() == 1 and p.dtype in _FUSED_DTYPES and p.device.type in _FUSED_DEVICES
+
+
+def _row_factors(jobs: list[_Job], fns: list[Any]) -> list[list[Tensor]]:
+    """For each ``fn(step, lr)`` of ``fns`` (numpy float64 in, out), one tensor per job in the
+    jobs' device and dtype, shaped to broadcast against its rows; all computed on the host and
+    moved in one copy."""
+    cols, shapes = [], []
+    for j in jobs:
+        step, lr = np.broadcast_arrays(np.asarray(j.step, dtype=np.float64), np.asarray(j.lr, dtype=np.float64))
+        cols.append(np.stack([np.asarray(fn(step, lr), dtype=np.float64).ravel() for fn in fns]))
+        shapes.append(step.shape)
+    t0 = jobs[0].tensors[0]
+    flat = torch.from_numpy(np.concatenate(cols, axis=1)).to(device=t0.device, dtype=t0.dtype)
+    out: list[list[Tensor]] = [[] for _ in fns]
+    off = 0
+    for c, shape in zip(cols, shapes):
+        for i in range(len(fns)):
+            out[i].append(flat[i, off:off + c.shape[1]].view(shape))
+        off += c.shape[1]
+    return out
 
 
 # torch's fused optimizer kernels (CPU since torch 2.4) walk each tensor's memory as one flat
@@ -338,17 +377,14 @@ class SlicedAdamW(_SlicedOptimizer):
         shape = [1] * p.dim()
         shape[sl.dim] = -1
         lr = _slice_lr(group["lr"], lr_scale, sl, idx, shape)
-        if steps.min() == steps.max():
-            step: int | Tensor = int(steps[0])
-        else:
-            step = torch.from_numpy(steps).to(device=p.device, dtype=torch.float64).view(shape)
+        step: int | np.ndarray = int(steps[0]) if steps.min() == steps.max() else steps.astype(np.float64).reshape(shape)
         d = sl.dim
         if idx is None or idx.contiguous:  # views: updated in place
             self._release(p, d)  # a set with gathered rows before: they go back first
             ts = [p, p.grad, st["exp_avg"], st["exp_avg_sq"]]
             return _Job(ts if idx is None else [idx.take(t, d) for t in ts], step, lr)
-        if _vectorizable(p, idx, step, lr):
-            return _Vec(p, idx, step, lr)  # type: ignore[arg-type]
+        if _vectorizable(p):
+            return _Vec(p, idx, step, lr)
         m, v = self._rows(p, idx, d)
         self._compact[id(p)] = (idx, m, v)
         w = idx.take(p, d)
@@ -356,14 +392,10 @@ class SlicedAdamW(_SlicedOptimizer):
         return _Job([w, g, m, v], step, lr, back=(idx, p, d))
 
     def _apply(self, jobs: list[_Job], group: dict[str, Any]) -> None:
-        if len(jobs) == 1 and not jobs[0].uniform:
-            j = jobs[0]
-            _adamw(*j.tensors, group=group, step=j.step, lr=j.lr)
-            return
         ps, gs, ms, vs = (list(t) for t in zip(*(j.tensors for j in jobs)))
         beta1, beta2 = group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
-        # torch.optim.AdamW's operation order (see _adamw), each operation over all the rows at once
+        # torch.optim.AdamW's operation order, each operation over all the rows at once
         if wd != 0:  # uniform jobs all carry the group's lr
             torch._foreach_mul_(ps, 1 - jobs[0].lr * wd)
         torch._foreach_lerp_(ms, gs, 1 - beta1)
@@ -386,33 +418,27 @@ class SlicedAdamW(_SlicedOptimizer):
                                     beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
                                     amsgrad=False, maximize=False)
 
-
-def _adamw(
-    p: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict[str, Any], step: int | Tensor, lr: float | Tensor
-) -> None:
-    """In-place AdamW on (views or copies of) one tensor, in torch.optim.AdamW's operation order.
-    ``step`` / ``lr``: Python scalars, or float64 tensors broadcastable to ``p``."""
-    beta1, beta2 = group["betas"]
-    eps, wd = group["eps"], group["weight_decay"]
-    if wd != 0:
-        if isinstance(lr, Tensor):
-            p.mul_((1 - lr * wd).to(p.dtype))
-        else:
-            p.mul_(1 - lr * wd)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if isinstance(step, Tensor) or isinstance(lr, Tensor):
-        bc1 = 1 - beta1 ** torch.as_tensor(step, dtype=torch.float64)
-        bc2 = 1 - beta2 ** torch.as_tensor(step, dtype=torch.float64)
-        step_size = (torch.as_tensor(lr, dtype=torch.float64) / bc1).to(p.dtype)
-        denom = (v.sqrt() / bc2.sqrt().to(p.dtype)).add_(eps)
-        p.add_(m / denom * -step_size)
-        return
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
-    p.addcdiv_(m, denom, value=-step_size)
+    def _apply_rows(self, jobs: list[_Job], group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        eps, wd = group["eps"], group["weight_decay"]
+        # torch.optim.AdamW's arithmetic with float64 bias corrections per row, cast once
+        decay, bc2_sqrt, neg_step_size = _row_factors(jobs, [
+            lambda step, lr: 1 - lr * wd,
+            lambda step, lr: np.sqrt(1 - beta2**step),
+            lambda step, lr: -(lr / (1 - beta1**step)),
+        ])
+        ps, gs, ms, vs = (list(t) for t in zip(*(j.tensors for j in jobs)))
+        if wd != 0:
+            torch._foreach_mul_(ps, decay)
+        torch._foreach_lerp_(ms, gs, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(ms, denom)
+        torch._foreach_mul_(update, neg_step_size)
+        torch._foreach_add_(ps, update)
 
 
 def _check_lr_scale(lr_scale: Tensor | None, m: int) -> Tensor | None:
@@ -425,15 +451,15 @@ def _check_lr_scale(lr_scale: Tensor | None, m: int) -> Tensor | None:
     return lr_scale.double()
 
 
-def _slice_lr(lr: float, lr_scale: Tensor | None, sl: Any, idx: Any, shape: list[int]) -> float | Tensor:
+def _slice_lr(lr: float, lr_scale: Tensor | None, sl: Any, idx: Any, shape: list[int]) -> float | np.ndarray:
     """The learning rate of the trained indices of one sliced parameter: ``lr`` (a float) without
-    ``lr_scale``, else float64 ``lr · scale`` per index, shaped to broadcast along the sliced dim
-    (indices no group owns use 1)."""
+    ``lr_scale``, else float64 ``lr · scale`` per index (a numpy array), shaped to broadcast along
+    the sliced dim (indices no group owns use 1)."""
     if lr_scale is None:
         return lr
     g_of = sl.group_of if idx is None else idx.take(sl.group_of, 0)
     scale = torch.where(g_of >= 0, lr_scale[g_of.clamp(min=0)], torch.ones((), dtype=torch.float64))
-    return (lr * scale).view(shape)
+    return (lr * scale).numpy().reshape(shape)
 
 
 class SlicedSGD(_SlicedOptimizer):
@@ -516,8 +542,8 @@ class SlicedSGD(_SlicedOptimizer):
             self._release(p, d)  # a set with gathered rows before: they go back first
             ts = [p, p.grad] + ([] if buf is None else [buf])
             return _Job(ts if idx is None else [idx.take(t, d) for t in ts], 0, lr)
-        if _vectorizable(p, idx, 0, lr):
-            return _Vec(p, idx, 0, lr)  # type: ignore[arg-type]
+        if _vectorizable(p):
+            return _Vec(p, idx, 0, lr)
         w = idx.take(p, d)
         g = g_rows if g_rows is not None and g_rows.shape == w.shape else idx.take(p.grad, d)
         ts = [w, g]
@@ -528,11 +554,7 @@ class SlicedSGD(_SlicedOptimizer):
         return _Job(ts, 0, lr, back=(idx, p, d))
 
     def _apply(self, jobs: list[_Job], group: dict[str, Any]) -> None:
-        if len(jobs) == 1 and not jobs[0].uniform:
-            j = jobs[0]
-            _sgd(j.tensors[0], j.tensors[1], j.tensors[2] if len(j.tensors) > 2 else None, group, j.lr)
-            return
-        # torch.optim.SGD's operation order (see _sgd), each operation over all the rows at once
+        # torch.optim.SGD's operation order, each operation over all the rows at once
         ws, gs = [j.tensors[0] for j in jobs], [j.tensors[1] for j in jobs]
         wd, mom = group["weight_decay"], group["momentum"]
         ds = torch._foreach_add(gs, ws, alpha=wd) if wd else gs
@@ -554,17 +576,16 @@ class SlicedSGD(_SlicedOptimizer):
                                   momentum=mom, lr=lr, dampening=0.0, nesterov=False, maximize=False,
                                   is_first_step=False)
 
-
-def _sgd(p: Tensor, g: Tensor, buf: Tensor | None, group: dict[str, Any], lr: float | Tensor) -> None:
-    """In-place SGD on (views or copies of) one tensor, in torch.optim.SGD's operation order
-    (dampening 0, no Nesterov); ``buf`` None = no momentum. ``lr``: a Python float, or a float64
-    tensor broadcastable to ``p``."""
-    wd, mom = group["weight_decay"], group["momentum"]
-    d = g.add(p, alpha=wd) if wd else g
-    if buf is not None and mom:
-        buf.mul_(mom).add_(d)
-        d = buf
-    if isinstance(lr, Tensor):
-        p.add_(d * (-lr).to(p.dtype))
-    else:
-        p.add_(d, alpha=-lr)
+    def _apply_rows(self, jobs: list[_Job], group: dict[str, Any]) -> None:
+        # torch.optim.SGD's arithmetic with an lr per row (lr_scale)
+        (neg_lr,) = _row_factors(jobs, [lambda step, lr: -lr])
+        ws, gs = [j.tensors[0] for j in jobs], [j.tensors[1] for j in jobs]
+        wd, mom = group["weight_decay"], group["momentum"]
+        ds = torch._foreach_add(gs, ws, alpha=wd) if wd else gs
+        if mom:
+            bufs = [j.tensors[2] for j in jobs]
+            torch._foreach_mul_(bufs, mom)
+            torch._foreach_add_(bufs, ds)
+            ds = bufs
+        update = torch._foreach_mul(ds, neg_lr)
+        torch._foreach_add_(ws, update)
