@@ -1,9 +1,11 @@
 """Benchmark: partial backward (``ntkit.sparse``) — time and executed FLOPs vs the full backward.
 
 Everything is measured side by side in one run: configurations are interleaved within each
-repeat and the median over repeats is reported (single layers get 3× the repeats: they are
-cheap and their sub-100 ms timings are the noisiest); the baseline (the plain, unattached layer /
-model with ``torch.optim.AdamW(fused=True)``, torch's fastest) is measured in the same run.
+repeat; times are medians over repeats, and a time ratio is the median over repeats of the ratio
+within a repeat (paired: the VM's speed drifts between repeats by ±20%, which a ratio of medians
+carries and a paired ratio cancels). Single layers get 3× the repeats (they are cheap and their
+sub-100 ms timings are the noisiest). The baseline (the plain, unattached layer / model with
+``torch.optim.AdamW(fused=True)``, torch's fastest) is measured in the same run.
 
 * Per sliced layer type — Linear rows (a fused QKV projection, 50% of heads), Linear columns
   (the output projection, 50% of heads), Conv2d filters (50% of filters; alone, and followed by
@@ -32,7 +34,7 @@ every covered parameter frozen ("0% frozen": native kernels, no weight gradient 
 update for them; an image input requires grad, so that every layer's input gradient is still
 computed, as at any f > 0), t0. A partial backward without overhead, whose weight-gradient and
 optimizer work were linear in the active fraction f, would take t0 + f·(t_plain − t0); ``floor`` is
-that over t_plain. Time above the floor is overhead (gathers, scatters, Python) or kernels that do
+that over t_plain (from the paired ratio r0 = t0 / t_plain: r0 + f·(1 − r0)). Time above the floor is overhead (gathers, scatters, Python) or kernels that do
 not scale with the active slices; a FLOP ratio below the floor means the step's time is not its
 FLOPs (elementwise and memory-bound work the FLOP counter does not see).
 
@@ -120,15 +122,19 @@ def _active_fraction(part: Partition, frac: float, seed: int = 0) -> Tensor:
     return active
 
 
-def _interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """Median seconds per configuration; each fn returns the seconds it measured."""
+def _interleaved(fns: dict[str, Callable[[], float]], repeats: int, base: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per configuration, and each configuration's time ratio to ``base``: the
+    median over repeats of the ratio within a repeat (the configurations of one repeat run back to
+    back, so the ratio cancels the VM's drift between repeats, which moved single medians by ±20%
+    here). Each fn returns the seconds it measured."""
     for fn in fns.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             times[k].append(fn())
-    return {k: statistics.median(v) for k, v in times.items()}
+    ratios = {k: statistics.median(a / b for a, b in zip(v, times[base], strict=True)) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in times.items()}, ratios
 
 
 def _strip(part: Partition, prefix: str) -> Partition:
@@ -192,13 +198,13 @@ def bench_layer(name: str, layer: nn.Module, part: Partition, make_x: Callable[[
         y = m(x)
         return _flops(lambda: y.backward(gy))
 
-    t = _interleaved({"full": bwd_time(full), "half": bwd_time(sliced)}, repeats)
+    t, ratio = _interleaved({"full": bwd_time(full), "half": bwd_time(sliced)}, repeats, "full")
     f_full, f_half = bwd_flops(full), bwd_flops(sliced)
     return {
         "what": "backward",
         "time_full_s": t["full"], "time_50_s": t["half"],
         "flops_full": f_full, "flops_50": f_half,
-        "flops_ratio_50": f_half / f_full, "time_ratio_50": t["half"] / t["full"],
+        "flops_ratio_50": f_half / f_full, "time_ratio_50": ratio["half"],
     }
 
 
@@ -255,6 +261,7 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
     torch.manual_seed(0)
     base = build().train()
     batch = make_batch()
+    known = set(_functions._WGRAD_CHOICE)
     opt_t: dict[str, list[float]] = {}  # seconds of each optimizer step, per configuration
     steps: dict[str, Callable[[], None]] = {
         "full": _step_fn(base, torch.optim.AdamW(base.parameters(), **PLAIN_OPT), batch, task, opt_t.setdefault("full", []))
@@ -324,28 +331,31 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
 
         return run
 
-    t = _interleaved({k: timed(k) for k in steps}, repeats)
+    t, ratio = _interleaved({k: timed(k) for k in steps}, repeats, "full")
     opt_s = {k: statistics.median(v[-repeats:]) for k, v in opt_t.items()}  # the timed repeats
     flops = {}
     for k, fn in steps.items():
         reset(models[k])
         flops[k] = _flops(fn)
     res: dict[str, Any] = {"what": "training step", "time_s": t, "opt_time_s": opt_s, "flops": flops,
-                           "conv_weight_grad_kernels": _kernel_choices()}
+                           "conv_weight_grad_kernels": _kernel_choices(known)}
     res["flops_ratio"] = {k: flops[k] / flops["full"] for k in steps}
-    res["time_ratio"] = {k: t[k] / t["full"] for k in steps}
-    t0, t_plain = t[FROZEN], t["full"]
-    res["floor_ratio"] = {k: (t0 + _fraction(k) * (t_plain - t0)) / t_plain for k in steps if k != FROZEN}
+    res["time_ratio"] = ratio
+    r0 = ratio[FROZEN]  # the anchor's time over the plain step's (paired, as the time ratios)
+    res["floor_ratio"] = {k: r0 + _fraction(k) * (1 - r0) for k in steps if k != FROZEN}
     res["flops_ratio_50"], res["time_ratio_50"] = res["flops_ratio"]["50%"], res["time_ratio"]["50%"]
     res["floor_ratio_50"] = res["floor_ratio"]["50%"]
     return res
 
 
-def _kernel_choices() -> dict[str, str]:
-    """The convolution weight-gradient kernel ``NTKIT_CONV_WGRAD=auto`` measured faster, per
-    problem (input shape → filters at 1/8 granularity: kernel), for the record."""
-    return {f"{tuple(k[0])}->{k[3][0]} filters, {k[4]}/8 active": v for k, v in sorted(_functions._WGRAD_CHOICE.items(),
-                                                                                         key=lambda kv: str(kv[0]))}
+def _kernel_choices(before: set[Any]) -> dict[str, Any]:
+    """The convolution weight-gradient kernel setting (``$NTKIT_CONV_WGRAD``) and, under ``tune``,
+    the kernels measured faster for the problems first met since ``before`` (input shape →
+    filters, active eighths: kernel)."""
+    new = {k: v for k, v in _functions._WGRAD_CHOICE.items() if k not in before}
+    return {"setting": os.environ.get("NTKIT_CONV_WGRAD") or "auto",
+            "tuned": {f"{tuple(k[0])}->{k[3][0]} filters, {k[4]}/8 active": v
+                      for k, v in sorted(new.items(), key=lambda kv: str(kv[0]))}}
 
 
 def _fraction(key: str) -> float:

@@ -463,12 +463,12 @@ def test_conv_weight_grad_kernels_equal_full_backward(monkeypatch, kernel: str, 
         _check_grads(m, ref, part, act)
 
 
-def test_conv_weight_grad_auto_measures_once_and_not_under_a_flop_counter(monkeypatch) -> None:
-    """``auto`` times both kernels once per problem and keeps the choice; under FlopCounterMode an
+def test_conv_weight_grad_tune_measures_once_and_not_under_a_flop_counter(monkeypatch) -> None:
+    """``tune`` times both kernels once per problem and keeps the choice; under FlopCounterMode an
     unmeasured problem runs natively (the counter sees one weight gradient, not the trials)."""
     from ntkit.sparse import _functions as SF
 
-    monkeypatch.setenv("NTKIT_CONV_WGRAD", "auto")
+    monkeypatch.setenv("NTKIT_CONV_WGRAD", "tune")
     monkeypatch.setattr(SF, "_WGRAD_CHOICE", {})
     m, part, x = _cnn()
     ctl = attach(m, part)
@@ -491,8 +491,26 @@ def test_conv_weight_grad_setting_is_checked(monkeypatch) -> None:
     monkeypatch.setenv("NTKIT_CONV_WGRAD", "fast")
     m, part, x = _cnn()
     attach(m, part).set_active(_half(len(part), 1))
-    with pytest.raises(ConfigError, match=r"^NTKIT_CONV_WGRAD='fast': expected one of auto, native, gemm$"):
+    with pytest.raises(ConfigError, match=r"^NTKIT_CONV_WGRAD='fast': expected one of auto, tune, native, gemm$"):
         _loss(m, x).backward()
+
+
+def test_conv_weight_grad_auto_is_a_fixed_rule(monkeypatch) -> None:
+    """``auto`` (the default) picks by output size, never by timing: gemm for outputs of at most
+    16 pixels, native above, and the same numbers in every process."""
+    from ntkit.sparse import _functions as SF
+
+    monkeypatch.delenv("NTKIT_CONV_WGRAD", raising=False)
+    used: list[str] = []
+    for name in ("_native_wgrad", "_gemm_wgrad"):
+        real = getattr(SF, name)
+        monkeypatch.setattr(SF, name, lambda *a, _r=real, _n=name: (used.append(_n), _r(*a))[1])
+    monkeypatch.setattr(SF, "_faster", lambda fns: pytest.fail("auto must not time kernels"))
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2, padding=1))
+    part = P.conv_filters(m)
+    attach(m, part).set_active(torch.tensor([i % 2 == 0 for i in range(len(part))]))
+    _loss(m, torch.randn(2, 3, 8, 8)).backward()  # outputs 8×8 (64 px), then 4×4 (16 px)
+    assert used == ["_gemm_wgrad", "_native_wgrad"]  # backward order: the last layer first
 
 
 # ------------------------------------------------------------------------------------ index sets

@@ -305,8 +305,9 @@ def _conv_memory_format(x: Tensor, weight: Tensor) -> torch.memory_format:
     return torch.channels_last if _channels_last(x) or _channels_last(weight) else torch.contiguous_format
 
 
-WGRAD_KERNELS = ("auto", "native", "gemm")
-_WGRAD_CHOICE: dict[tuple, str] = {}  # problem signature → the kernel measured faster
+WGRAD_KERNELS = ("auto", "tune", "native", "gemm")
+GEMM_MAX_OUTPUT_PIXELS = 16  # ``auto``: the gemm kernel for outputs of at most 4×4 pixels (CPU)
+_WGRAD_CHOICE: dict[tuple, str] = {}  # ``tune``: problem signature → the kernel measured faster
 
 
 def _wgrad_kernel_setting() -> str:
@@ -320,30 +321,40 @@ def _wgrad_kernel_setting() -> str:
 def _active_weight_grad(gy: Tensor, x: Tensor, w: Tensor, a: Idx, conf: tuple[list[int], list[int], list[int]],
                         with_bias: bool) -> tuple[Tensor, Tensor | None]:
     """The weight (and, with ``with_bias``, bias) gradient of the filters ``a`` only: compact
-    [len(a), Cin, kh, kw] (and [len(a)]). Two kernels execute exactly that work:
+    [len(a), Cin, kh, kw] (and [len(a)]). Two kernels execute exactly that work (the same FLOPs):
 
     * ``native``: the output-gradient channels of ``a`` gathered, then the convolution's own
       weight-gradient kernel (oneDNN on CPU) on them;
     * ``gemm``: one matrix product ``patchesᵀ @ δ_a`` (:func:`unfold_rows`: one strided copy of
       the input; δ_a: the gathered output-gradient columns). At small spatial sizes oneDNN's
-      weight-gradient kernel runs far below GEMM speed and does not shrink with the filter count
-      (VGG-16 width 0.25 on 2 CPU threads: 128→128 filters at 2×2, half of them: 1.3–1.6 ms native,
-      0.6 ms gemm); at large ones the copy of the patches costs more than the product.
+      weight-gradient kernel runs far below GEMM speed and barely shrinks with the filter count
+      (VGG-16 width 0.25, 2 CPU threads, half of 128 filters: 1.3–1.8 ms native against 0.6–0.8 ms
+      gemm at 2×2, 2.2–2.5 against 1.5–2.3 ms at 4×4); at large ones the copy of the patches
+      (9× the input) costs more than the product saves.
 
-    ``$NTKIT_CONV_WGRAD`` (``auto`` by default, ``native``, ``gemm``) picks one. ``auto`` on the
-    CPU times both once per problem (shapes, memory format, dtype, threads, the number of filters
-    to an eighth of the layer) at its first backward and keeps the faster (not under a dispatch
-    mode such as ``FlopCounterMode``, which would count the trials: there an unmeasured problem
-    runs natively); the numbers agree to float rounding, and both execute the same FLOPs. Other
-    devices use the native kernel."""
+    ``$NTKIT_CONV_WGRAD`` picks one:
+
+    * ``auto`` (default): ``gemm`` on the CPU when the output has at most
+      :data:`GEMM_MAX_OUTPUT_PIXELS` pixels, else ``native``. A fixed rule, so that a run computes
+      the same numbers in every process (a resumed run continues bit for bit);
+    * ``tune``: on the CPU, times both once per problem (shapes, memory format, dtype, threads,
+      the number of filters to an eighth of the layer) at its first backward and keeps the faster,
+      like ``torch.backends.cudnn.benchmark``: the choice, and so the last bits of the numbers,
+      may differ between processes. Not under a dispatch mode such as ``FlopCounterMode``, which
+      would count the trials: there an unmeasured problem runs natively;
+    * ``native`` / ``gemm``: that kernel everywhere (``gemm`` on any device).
+
+    Other devices than the CPU use the native kernel under ``auto`` and ``tune``."""
     stride, pad, dil = conf
     setting = _wgrad_kernel_setting()
     native = lambda: _native_wgrad(gy, x, w, a, conf, with_bias)
     gemm = lambda: _gemm_wgrad(gy, x, w, a, conf, with_bias)
-    if setting == "native" or (setting == "auto" and x.device.type != "cpu"):
+    if setting == "native" or (setting in ("auto", "tune") and x.device.type != "cpu"):
         return native()
     if setting == "gemm":
         return gemm()
+    if setting == "auto":
+        return gemm() if gy.shape[-2] * gy.shape[-1] <= GEMM_MAX_OUTPUT_PIXELS else native()
     c = w.shape[0]
     bucket = -(-len(a) * 8 // c)  # the number of filters, to an eighth of the layer
     key = (tuple(x.shape), _channels_last(x), _channels_last(gy), tuple(w.shape), bucket, tuple(stride),
