@@ -3,6 +3,8 @@ and :class:`SlicedSGD` (the paper's VGG optimizer, seed 000 §B.1)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -13,6 +15,15 @@ from ntkit.errors import ConfigError, check
 from ntkit.sparse.controller import SparseController
 
 __all__ = ["SlicedAdamW", "SlicedSGD"]
+
+# torch's fused optimizer kernels (CPU since torch 2.4) walk each tensor's memory as one flat
+# array: only tensors that are dense and share one layout (a column slice is neither) go there.
+# float64 stays on the per-operation path, bit for bit torch.optim.AdamW(foreach=False) (the
+# float64 references): the fused kernel rounds differently, and Adam turns that into 1e-13
+# differences within a few steps where a gradient is analytically zero (a key bias).
+_FUSED = hasattr(torch, "_fused_adamw_") and hasattr(torch, "_fused_sgd_")
+_FUSED_DEVICES = ("cpu", "cuda")
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class _SlicedOptimizer(torch.optim.Optimizer):
@@ -135,7 +146,7 @@ class _SlicedOptimizer(torch.optim.Optimizer):
             if any(isinstance(e.step, np.ndarray) or isinstance(e.lr, np.ndarray) for e in es):
                 step, lr = (np.concatenate([np.broadcast_to(np.asarray(getattr(e, a), dtype=np.float64), len(e.idx))
                                             for e in es]) for a in ("step", "lr"))
-            jobs.append(_Job([w, g, *rows], step, lr, back=(gidx, flat, ps)))
+            jobs.append(_Job([w, g, *rows], step, lr, back=partial(_put_flat, ps, gidx, flat=flat)))
         return jobs
 
     def flush(self) -> None:
@@ -200,29 +211,22 @@ class _Job:
     """One parameter's share of a step: ``tensors`` (parameter rows, gradient rows, state rows —
     views or gathered copies), its ``step`` count and ``lr`` (Python numbers, or float64 numpy arrays
     per row, shaped to broadcast along the sliced dim: then ``uniform`` is False and the job goes to
-    ``_apply_rows``), and where gathered parameter rows go back (``back``: (Idx, parameter, dim),
-    (global index, concatenation, parameters) for a vector batch, or None for views)."""
+    ``_apply_rows``), and ``back``: what writes the updated parameter rows back (None for views)."""
 
     __slots__ = ("back", "fusable", "lr", "step", "tensors", "uniform")
 
     def __init__(self, tensors: list[Tensor], step: int | np.ndarray, lr: float | np.ndarray,
-                 back: tuple[Any, Any, Any] | None = None) -> None:
+                 back: Callable[[Tensor], Any] | None = None) -> None:
         self.tensors, self.step, self.lr, self.back = tensors, step, lr, back
         self.uniform = not isinstance(step, np.ndarray) and not isinstance(lr, np.ndarray)
         self.fusable = _FUSED and _flat_alike(tensors)
 
     def write_back(self) -> None:
-        if self.back is None:
-            return
-        if isinstance(self.back[1], Tensor) and isinstance(self.back[2], list):  # a vector batch
-            gidx, flat, ps = self.back
-            _put_flat(ps, gidx, self.tensors[0], flat)
-            return
-        idx, p, d = self.back
-        idx.put(p, d, self.tensors[0])
+        if self.back is not None:
+            self.back(self.tensors[0])
 
 
-def _put_flat(ts: list[Tensor], gidx: Tensor, rows: Tensor, flat: Tensor | None = None) -> None:
+def _put_flat(ts: list[Tensor], gidx: Tensor, rows: Tensor, *, flat: Tensor | None = None) -> None:
     """Write ``rows`` into the 1-D tensors ``ts`` at positions ``gidx`` of their concatenation
     (``flat``: that concatenation, if at hand): three operations for any number of tensors. The
     other elements are written back unchanged."""
@@ -264,16 +268,6 @@ def _row_factors(jobs: list[_Job], fns: list[Any]) -> list[list[Tensor]]:
             out[i].append(flat[i, off:off + c.shape[1]].view(shape))
         off += c.shape[1]
     return out
-
-
-# torch's fused optimizer kernels (CPU since torch 2.4) walk each tensor's memory as one flat
-# array: only tensors that are dense and share one layout (a column slice is neither) go there.
-# float64 stays on the per-operation path, bit for bit torch.optim.AdamW(foreach=False) (the
-# float64 references): the fused kernel rounds differently, and Adam turns that into 1e-13
-# differences within a few steps where a gradient is analytically zero (a key bias).
-_FUSED = hasattr(torch, "_fused_adamw_") and hasattr(torch, "_fused_sgd_")
-_FUSED_DEVICES = ("cpu", "cuda")
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _flat_alike(ts: list[Tensor]) -> bool:
@@ -389,7 +383,7 @@ class SlicedAdamW(_SlicedOptimizer):
         self._compact[id(p)] = (idx, m, v)
         w = idx.take(p, d)
         g = g_rows if g_rows is not None and g_rows.shape == w.shape else idx.take(p.grad, d)
-        return _Job([w, g, m, v], step, lr, back=(idx, p, d))
+        return _Job([w, g, m, v], step, lr, back=partial(idx.put, p, d))
 
     def _apply(self, jobs: list[_Job], group: dict[str, Any]) -> None:
         ps, gs, ms, vs = (list(t) for t in zip(*(j.tensors for j in jobs)))
@@ -551,7 +545,7 @@ class SlicedSGD(_SlicedOptimizer):
             (b,) = self._rows(p, idx, d)
             self._compact[id(p)] = (idx, b)
             ts.append(b)
-        return _Job(ts, 0, lr, back=(idx, p, d))
+        return _Job(ts, 0, lr, back=partial(idx.put, p, d))
 
     def _apply(self, jobs: list[_Job], group: dict[str, Any]) -> None:
         # torch.optim.SGD's operation order, each operation over all the rows at once
