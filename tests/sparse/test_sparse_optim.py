@@ -257,19 +257,26 @@ def _count_fused(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
     return calls
 
 
+SGD_HP = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+
+
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_float32_uses_torchs_fused_kernel_and_equals_torch_fused_adamw(monkeypatch, layout) -> None:
-    """float32, every group active: all parameters go through one ``torch._fused_adamw_`` call
-    and the numbers are torch.optim.AdamW(fused=True)'s, bit for bit (channels-last too)."""
+@pytest.mark.parametrize("opt_cls", ["adamw", "sgd"])
+def test_float32_uses_torchs_fused_kernel_and_equals_torch_fused(monkeypatch, layout, opt_cls) -> None:
+    """float32, every group active: all parameters go through one call of torch's fused kernel per
+    step, and the numbers are torch.optim.AdamW / SGD(fused=True)'s, bit for bit (channels-last too)."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten())
     x = torch.randn(2, 3, 6, 6)
     if layout == "nhwc":
         m, x = m.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     ref = copy.deepcopy(m)
-    opt = SlicedAdamW(m, attach(m, P.conv_filters(m)), **HP)
-    ref_opt = torch.optim.AdamW(ref.parameters(), fused=True, **HP)
-    calls = _count_fused(monkeypatch, "_fused_adamw_")
+    ctl = attach(m, P.conv_filters(m))
+    if opt_cls == "adamw":
+        opt, ref_opt = SlicedAdamW(m, ctl, **HP), torch.optim.AdamW(ref.parameters(), fused=True, **HP)
+    else:
+        opt, ref_opt = SlicedSGD(m, ctl, **SGD_HP), torch.optim.SGD(ref.parameters(), fused=True, **SGD_HP)
+    calls = _count_fused(monkeypatch, "_fused_adamw_" if opt_cls == "adamw" else "_fused_sgd_")
     for step in range(3):
         for model, o in ((m, opt), (ref, ref_opt)):
             o.zero_grad(set_to_none=True)
@@ -313,25 +320,6 @@ def test_float32_fused_partial_step_leaves_inactive_slices_and_strided_views_exa
         assert torch.equal(p.detach()[~mk], before[name][~mk]), name
 
 
-def test_float32_sgd_uses_fused_kernel_and_equals_torch_fused_sgd(monkeypatch) -> None:
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten())
-    x = torch.randn(2, 3, 6, 6)
-    ref = copy.deepcopy(m)
-    hp = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
-    opt = SlicedSGD(m, attach(m, P.conv_filters(m)), **hp)
-    ref_opt = torch.optim.SGD(ref.parameters(), fused=True, **hp)
-    calls = _count_fused(monkeypatch, "_fused_sgd_")
-    for step in range(3):
-        for model, o in ((m, opt), (ref, ref_opt)):
-            o.zero_grad(set_to_none=True)
-            _backward(model, x, step)
-            o.step()
-    assert calls[::2] == [len(list(m.parameters()))] * 3
-    for (name, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
-        assert torch.equal(p, q), name
-
-
 @pytest.mark.parametrize("opt_cls", ["adamw", "sgd"])
 def test_vector_batches_equal_per_parameter_updates(monkeypatch, opt_cls) -> None:
     """float32 BN and bias vectors with scattered active rows are updated as one batch (one gather
@@ -347,7 +335,7 @@ def test_vector_batches_equal_per_parameter_updates(monkeypatch, opt_cls) -> Non
     m2 = copy.deepcopy(m)
     ctl, ctl2 = attach(m, part), attach(m2, copy.deepcopy(part))
     make = (lambda mod, c: SlicedAdamW(mod, c, **HP)) if opt_cls == "adamw" else (
-        lambda mod, c: SlicedSGD(mod, c, lr=0.05, momentum=0.9, weight_decay=5e-4))
+        lambda mod, c: SlicedSGD(mod, c, **SGD_HP))
     opt, ref = make(m, ctl), make(m2, ctl2)
     gen = torch.Generator().manual_seed(3)
     sets = [torch.rand(len(part), generator=gen) < 0.5 for _ in range(3)] + [torch.zeros(len(part), dtype=torch.bool)]

@@ -547,8 +547,10 @@ class SlicedSGD(_SlicedOptimizer):
             ts.append(b)
         return _Job(ts, 0, lr, back=partial(idx.put, p, d))
 
-    def _apply(self, jobs: list[_Job], group: dict[str, Any]) -> None:
-        # torch.optim.SGD's operation order, each operation over all the rows at once
+    @staticmethod
+    def _direction(jobs: list[_Job], group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameter rows and their update directions d (momentum buffers when momentum > 0),
+        in torch.optim.SGD's operation order, each operation over all the rows at once."""
         ws, gs = [j.tensors[0] for j in jobs], [j.tensors[1] for j in jobs]
         wd, mom = group["weight_decay"], group["momentum"]
         ds = torch._foreach_add(gs, ws, alpha=wd) if wd else gs
@@ -557,6 +559,10 @@ class SlicedSGD(_SlicedOptimizer):
             torch._foreach_mul_(bufs, mom)
             torch._foreach_add_(bufs, ds)
             ds = bufs
+        return ws, ds
+
+    def _apply(self, jobs: list[_Job], group: dict[str, Any]) -> None:
+        ws, ds = self._direction(jobs, group)
         torch._foreach_add_(ws, ds, alpha=-jobs[0].lr)
 
     def _apply_fused(self, jobs: list[_Job], group: dict[str, Any]) -> None:
@@ -573,13 +579,5 @@ class SlicedSGD(_SlicedOptimizer):
     def _apply_rows(self, jobs: list[_Job], group: dict[str, Any]) -> None:
         # torch.optim.SGD's arithmetic with an lr per row (lr_scale)
         (neg_lr,) = _row_factors(jobs, [lambda step, lr: -lr])
-        ws, gs = [j.tensors[0] for j in jobs], [j.tensors[1] for j in jobs]
-        wd, mom = group["weight_decay"], group["momentum"]
-        ds = torch._foreach_add(gs, ws, alpha=wd) if wd else gs
-        if mom:
-            bufs = [j.tensors[2] for j in jobs]
-            torch._foreach_mul_(bufs, mom)
-            torch._foreach_add_(bufs, ds)
-            ds = bufs
-        update = torch._foreach_mul(ds, neg_lr)
-        torch._foreach_add_(ws, update)
+        ws, ds = self._direction(jobs, group)
+        torch._foreach_add_(ws, torch._foreach_mul(ds, neg_lr))
