@@ -394,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[name] = bench_model(name, build, make_part, make_batch, task, repeats)
 
     print(f"partial backward, torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}, "
-          f"{repeats} interleaved repeats (medians), {args.clock} clock{' [quick]' if args.quick else ''}")
+          f"{repeats} interleaved repeats (time: medians; ratios: paired per repeat), {args.clock} clock{' [quick]' if args.quick else ''}")
     print(f"{'case':<28}{'measured':<15}{'active':>14}{'time s':>10}{'time ratio':>12}{'FLOP ratio':>12}{'ok':>5}"
           f"{'optimizer s':>13}{'floor':>8}")
     for name, r in results.items():
