@@ -34,9 +34,10 @@ every covered parameter frozen ("0% frozen": native kernels, no weight gradient 
 update for them; an image input requires grad, so that every layer's input gradient is still
 computed, as at any f > 0), t0. A partial backward without overhead, whose weight-gradient and
 optimizer work were linear in the active fraction f, would take t0 + f·(t_plain − t0); ``floor`` is
-that over t_plain (from the paired ratio r0 = t0 / t_plain: r0 + f·(1 − r0)). Time above the floor is overhead (gathers, scatters, Python) or kernels that do
-not scale with the active slices; a FLOP ratio below the floor means the step's time is not its
-FLOPs (elementwise and memory-bound work the FLOP counter does not see).
+that over t_plain (from the paired ratio r0 = t0 / t_plain: r0 + f·(1 − r0)). Time above the
+floor is overhead (gathers, scatters, Python) or kernels that do not scale with the active slices;
+a FLOP ratio below the floor means the step's time is not its FLOPs (elementwise and memory-bound
+work the FLOP counter does not see).
 
 Memory format: the convolution cases run twice, NCHW (PyTorch's default) and channels-last
 (``*_nhwc``: model and input ``.to(memory_format=torch.channels_last)``; plain and sliced alike).

@@ -48,8 +48,8 @@ class _SlicedOptimizer(torch.optim.Optimizer):
         # id(param) → (Idx, state rows…) gathered for the current active set (see the subclasses)
         self._compact: dict[int, tuple[Any, ...]] = {}
         # 1-D parameters with scattered active rows (BN and bias vectors) are updated together:
-        # member key → (global index, row counts, state rows, members), see _vector_jobs
-        self._vec: dict[tuple[tuple[int, int], ...], tuple[Tensor, list[int], list[Tensor], list[_Vec]]] = {}
+        # member key → (global index, state rows, members), see _vector_jobs
+        self._vec: dict[tuple[tuple[int, int], ...], tuple[Tensor, list[Tensor], list[_Vec]]] = {}
         self._vec_of: dict[int, tuple[tuple[int, int], ...]] = {}  # id(param) → its key in _vec
         super().__init__([p for _, p in named], defaults)
         ctl.keep_grad_rows = True  # the backward hands over the active gradient rows it computed
@@ -101,13 +101,13 @@ class _SlicedOptimizer(torch.optim.Optimizer):
 
     def _write_vec(self, key: tuple[tuple[int, int], ...]) -> None:
         """Write the state rows of vector batch ``key`` back into each member's ``state``."""
-        gidx, _, rows, members = self._vec[key]
+        gidx, rows, members = self._vec[key]
         for name, r in zip(self._state_keys(), rows):
             _put_flat([self.state[e.p][name] for e in members], gidx, r)
 
     def _release_vec(self, key: tuple[tuple[int, int], ...]) -> None:
         self._write_vec(key)
-        for e in self._vec.pop(key)[3]:
+        for e in self._vec.pop(key)[2]:
             self._vec_of.pop(id(e.p), None)
 
     def _vector_jobs(self, entries: list[_Vec]) -> list[_Job]:
@@ -118,8 +118,7 @@ class _SlicedOptimizer(torch.optim.Optimizer):
         like ``_compact``."""
         batches: dict[tuple[Any, ...], list[_Vec]] = {}
         for e in entries:  # one batch per step count and lr; entries with per-row ones share one
-            rows = isinstance(e.step, np.ndarray) or isinstance(e.lr, np.ndarray)
-            batches.setdefault((e.p.device, e.p.dtype) + ((None,) if rows else (e.step, e.lr)), []).append(e)
+            batches.setdefault((e.p.device, e.p.dtype) + ((None,) if e.per_row else (e.step, e.lr)), []).append(e)
         keyed = {tuple((id(e.p), id(e.idx)) for e in es): es for es in batches.values()}
         for key in [k for k in self._vec if k not in keyed]:  # batches that ended: state back first
             self._release_vec(key)
@@ -129,24 +128,23 @@ class _SlicedOptimizer(torch.optim.Optimizer):
             if key not in self._vec:
                 for p in ps:
                     self._release(p, 0)
-                sizes = [len(e.idx) for e in es]
                 offsets = np.cumsum([0] + [p.numel() for p in ps[:-1]])
-                gidx = torch.from_numpy(np.concatenate([e.idx.index.numpy() + o for e, o in zip(es, offsets)]))
+                gidx = torch.from_numpy(np.concatenate([e.idx.rows + o for e, o in zip(es, offsets)]))
                 gidx = gidx.to(ps[0].device)
                 names = [k for k in self._state_keys() if k in self.state[ps[0]]]
-                rows = [torch.cat([self.state[p][k] for p in ps]).index_select(0, gidx) for k in names]
-                self._vec[key] = (gidx, sizes, rows, es)
+                state_rows = [torch.cat([self.state[p][k] for p in ps]).index_select(0, gidx) for k in names]
+                self._vec[key] = (gidx, state_rows, es)
                 for p in ps:
                     self._vec_of[id(p)] = key
-            gidx, _, rows, _ = self._vec[key]
+            gidx, state_rows, _ = self._vec[key]
             flat = torch.cat(ps)
             w = flat.index_select(0, gidx)
             g = torch.cat([p.grad for p in ps]).index_select(0, gidx)
             step, lr = es[0].step, es[0].lr
-            if any(isinstance(e.step, np.ndarray) or isinstance(e.lr, np.ndarray) for e in es):
+            if es[0].per_row:  # (the batch key puts entries with per-row counts or lr together)
                 step, lr = (np.concatenate([np.broadcast_to(np.asarray(getattr(e, a), dtype=np.float64), len(e.idx))
                                             for e in es]) for a in ("step", "lr"))
-            jobs.append(_Job([w, g, *rows], step, lr, back=partial(_put_flat, ps, gidx, flat=flat)))
+            jobs.append(_Job([w, g, *state_rows], step, lr, back=partial(_put_flat, ps, gidx, flat=flat)))
         return jobs
 
     def flush(self) -> None:
@@ -238,10 +236,11 @@ def _put_flat(ts: list[Tensor], gidx: Tensor, rows: Tensor, *, flat: Tensor | No
 class _Vec:
     """A 1-D parameter whose scattered active rows join a vector batch (``_vector_jobs``)."""
 
-    __slots__ = ("idx", "lr", "p", "step")
+    __slots__ = ("idx", "lr", "p", "per_row", "step")
 
     def __init__(self, p: Tensor, idx: Any, step: int | np.ndarray, lr: float | np.ndarray) -> None:
         self.p, self.idx, self.step, self.lr = p, idx, step, lr
+        self.per_row = isinstance(step, np.ndarray) or isinstance(lr, np.ndarray)
 
 
 def _vectorizable(p: Tensor) -> bool:
