@@ -47,6 +47,13 @@ the kernels alone (``bench/conv_backward_parts.py --memory-format both``) sit at
 Conv2d layer. Channels-last is oneDNN's native layout, faster for the plain layer too, and there
 the kernels follow the FLOPs.
 
+Convolution kernels: a convolution with inactive filters runs one of three backward kernels
+(``$NTKIT_CONV_WGRAD``; default ``tune``: timed once per problem in the warm-up, see
+:func:`ntkit.sparse._functions._conv_kernel`). ``dense`` (the full backward, inactive rows zeroed)
+wins where slicing cannot pay; it computes the inactive filters' gradient, and the FLOP ratio, which
+counts what ran, rises accordingly. The results JSON lists each problem's choice
+(``conv_weight_grad_kernels``).
+
 CPU memory: the benchmark calls :func:`ntkit.train.tune_cpu_allocator` first (glibc keeps freed
 memory for reuse; ``NTKIT_MALLOC=system`` opts out): with the default, every configuration's
 multi-MB tensors are page-faulted back in on each call, which adds ±20% noise to single-layer
@@ -262,7 +269,7 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
     torch.manual_seed(0)
     base = build().train()
     batch = make_batch()
-    known = set(_functions._WGRAD_CHOICE)
+    known = set(_functions.conv_kernel_choices())
     opt_t: dict[str, list[float]] = {}  # seconds of each optimizer step, per configuration
     steps: dict[str, Callable[[], None]] = {
         "full": _step_fn(base, torch.optim.AdamW(base.parameters(), **PLAIN_OPT), batch, task, opt_t.setdefault("full", []))
@@ -349,14 +356,14 @@ def bench_model(name: str, build: Callable[[], nn.Module], make_part: Callable[[
     return res
 
 
-def _kernel_choices(before: set[Any]) -> dict[str, Any]:
-    """The convolution weight-gradient kernel setting (``$NTKIT_CONV_WGRAD``) and, under ``tune``,
-    the kernels measured faster for the problems first met since ``before`` (input shape →
-    filters, active eighths: kernel)."""
-    new = {k: v for k, v in _functions._WGRAD_CHOICE.items() if k not in before}
-    return {"setting": os.environ.get("NTKIT_CONV_WGRAD") or "auto",
-            "tuned": {f"{tuple(k[0])}->{k[3][0]} filters, {k[4]}/8 active": v
-                      for k, v in sorted(new.items(), key=lambda kv: str(kv[0]))}}
+def _kernel_choices(before: set[str]) -> dict[str, Any]:
+    """The convolution kernel setting (``$NTKIT_CONV_WGRAD``) and, under ``tune``, the kernel chosen
+    for each problem first met since ``before`` (signature: input shape / layouts / weight shape /
+    active eighths / … → native, gemm or dense) with how many problems went to each."""
+    new = {k: v for k, v in _functions.conv_kernel_choices().items() if k not in before}
+    return {"setting": os.environ.get("NTKIT_CONV_WGRAD") or "tune",
+            "counts": {k: sum(v == k for v in new.values()) for k in ("native", "gemm", "dense")},
+            "tuned": dict(sorted(new.items()))}
 
 
 def _fraction(key: str) -> float:

@@ -444,10 +444,10 @@ def _cnn_odd_geometry() -> tuple[nn.Module, Partition, Tensor]:
     return m, P.conv_filters(m), torch.randn(3, 3, 11, 9)
 
 
-@pytest.mark.parametrize("kernel", ["native", "gemm"])
+@pytest.mark.parametrize("kernel", ["native", "gemm", "dense"])
 @pytest.mark.parametrize("model", ["cnn", "cnn_channels_last", "cnn_channels_last_nchw_input", "odd_geometry"])
-def test_conv_weight_grad_kernels_equal_full_backward(monkeypatch, kernel: str, model: str) -> None:
-    """Both kernels of the active filters' weight gradient ($NTKIT_CONV_WGRAD) against the full
+def test_conv_kernels_equal_full_backward(monkeypatch, kernel: str, model: str) -> None:
+    """Each kernel of a convolution's sliced backward ($NTKIT_CONV_WGRAD) against the full
     backward in float64, over two complementary active sets."""
     monkeypatch.setenv("NTKIT_CONV_WGRAD", kernel)
     m, part, x = _cnn_odd_geometry() if model == "odd_geometry" else MODELS[model]()
@@ -463,54 +463,120 @@ def test_conv_weight_grad_kernels_equal_full_backward(monkeypatch, kernel: str, 
         _check_grads(m, ref, part, act)
 
 
-def test_conv_weight_grad_tune_measures_once_and_not_under_a_flop_counter(monkeypatch) -> None:
-    """``tune`` times both kernels once per problem and keeps the choice; under FlopCounterMode an
-    unmeasured problem runs natively (the counter sees one weight gradient, not the trials)."""
+@pytest.mark.parametrize("kernel", ["native", "gemm", "dense", "tune"])
+def test_conv_kernels_with_pruned_filters_equal_zeroed_model(monkeypatch, kernel: str) -> None:
+    """With pruned filters every setting runs a sliced kernel (``dense`` falls back to ``native``:
+    the full kernel would multiply the pruned filters)."""
     from ntkit.sparse import _functions as SF
 
-    monkeypatch.setenv("NTKIT_CONV_WGRAD", "tune")
-    monkeypatch.setattr(SF, "_WGRAD_CHOICE", {})
+    monkeypatch.setenv("NTKIT_CONV_WGRAD", kernel)
+    monkeypatch.setattr(SF, "_KERNEL_CHOICE", {})
     m, part, x = _cnn()
+    m, x = m.double().eval(), x.double()
+    pruned = torch.arange(len(part)) % 4 == 1
+    active = torch.arange(len(part)) % 3 != 0
+    ref = _zeroed(m, part, pruned)
     ctl = attach(m, part)
-    ctl.set_active(_half(len(part), 1))
-    with FlopCounterMode(display=False) as fc:
-        _loss(m, x).backward()
-    assert SF._WGRAD_CHOICE == {}
-    flops_first = fc.get_total_flops()
-    m.zero_grad(set_to_none=True)
+    ctl.set_pruned(pruned)
+    ctl.set_active(active)
+    _loss(ref, x).backward()
     _loss(m, x).backward()
-    assert set(SF._WGRAD_CHOICE.values()) <= {"native", "gemm"} and len(SF._WGRAD_CHOICE) >= 2
-    choices = dict(SF._WGRAD_CHOICE)
-    m.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as fc:
-        _loss(m, x).backward()
-    assert SF._WGRAD_CHOICE == choices and fc.get_total_flops() == flops_first  # same work either kernel
+    _check_grads(m, ref, part, active & ~pruned)
+    assert "dense" not in SF._KERNEL_CHOICE.values()
 
 
-def test_conv_weight_grad_setting_is_checked(monkeypatch) -> None:
-    monkeypatch.setenv("NTKIT_CONV_WGRAD", "fast")
+def _conv_flops(monkeypatch, kernel: str) -> int:
+    monkeypatch.setenv("NTKIT_CONV_WGRAD", kernel)
     m, part, x = _cnn()
     attach(m, part).set_active(_half(len(part), 1))
-    with pytest.raises(ConfigError, match=r"^NTKIT_CONV_WGRAD='fast': expected one of auto, tune, native, gemm$"):
-        _loss(m, x).backward()
+    y = _loss(m, x)
+    return _flops(y.backward)
 
 
-def test_conv_weight_grad_auto_is_a_fixed_rule(monkeypatch) -> None:
-    """``auto`` (the default) picks by output size, never by timing: gemm for outputs of at most
-    16 pixels, native above, and the same numbers in every process."""
+def test_conv_kernel_flops_follow_what_ran(monkeypatch) -> None:
+    """``native`` and ``gemm`` execute the same FLOPs; ``dense`` executes (and is charged) the
+    inactive filters' weight gradient too."""
+    native, gemm, dense = (_conv_flops(monkeypatch, k) for k in ("native", "gemm", "dense"))
+    monkeypatch.delenv("NTKIT_CONV_WGRAD")
+    m, _, x = _cnn()
+    full = _flops(_loss(m, x).backward)
+    assert native == gemm < dense == full
+
+
+def test_conv_kernel_tune_times_once_outside_a_flop_counter(monkeypatch) -> None:
+    """``tune`` (the default) times the candidates once per problem, outside any dispatch mode:
+    a FlopCounterMode around the first backward counts the chosen kernels once, as a forced
+    setting of the same choice would, and later backwards reuse the choice without timing."""
     from ntkit.sparse import _functions as SF
 
     monkeypatch.delenv("NTKIT_CONV_WGRAD", raising=False)
-    used: list[str] = []
-    for name in ("_native_wgrad", "_gemm_wgrad"):
-        real = getattr(SF, name)
-        monkeypatch.setattr(SF, name, lambda *a, _r=real, _n=name: (used.append(_n), _r(*a))[1])
-    monkeypatch.setattr(SF, "_faster", lambda fns: pytest.fail("auto must not time kernels"))
-    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, stride=2, padding=1))
-    part = P.conv_filters(m)
-    attach(m, part).set_active(torch.tensor([i % 2 == 0 for i in range(len(part))]))
-    _loss(m, torch.randn(2, 3, 8, 8)).backward()  # outputs 8×8 (64 px), then 4×4 (16 px)
-    assert used == ["_gemm_wgrad", "_native_wgrad"]  # backward order: the last layer first
+    monkeypatch.setattr(SF, "_KERNEL_CHOICE", {})
+    picks = iter(["dense", "gemm", "native"] * 2)
+    timed: list[tuple[str, ...]] = []
+
+    def fake_fastest(fns, prefer):
+        timed.append(tuple(fns))
+        for fn in fns.values():  # run every trial, as the real one does: the counter must not see them
+            fn()
+        return next(picks)
+
+    monkeypatch.setattr(SF, "_fastest", fake_fastest)
+    m, part, x = _cnn()
+    attach(m, part).set_active(_half(len(part), 1))
+    y = _loss(m, x)
+    counted = _flops(y.backward)
+    assert timed == [("native", "gemm", "dense")] * 3  # three conv layers, each timed once
+    assert sorted(SF._KERNEL_CHOICE.values()) == ["dense", "gemm", "native"]
+    _loss(m, x).backward()
+    assert len(timed) == 3  # no new timing
+    # the last layer (first in the backward) went dense: its inactive filters' FLOPs were counted,
+    # and nothing of the trials
+    c = m[6]
+    inactive = int((~_half(len(part), 1))[-c.out_channels:].sum())
+    extra = 2 * x.shape[0] * 4 * 4 * c.in_channels * 9 * inactive  # its inactive filters' weight gradient (4×4 output)
+    assert inactive and counted == _conv_flops(monkeypatch, "native") + extra
+
+
+def test_conv_kernel_fastest_prefers_native_near_a_tie() -> None:
+    """``_fastest`` keeps ``native`` unless another kernel is faster by more than the margin."""
+    import time
+
+    from ntkit.sparse._functions import _fastest
+
+    def sleeper(s: float):
+        return lambda: time.sleep(s)
+
+    assert _fastest({"native": sleeper(0.010), "dense": sleeper(0.004)}, prefer="native") == "dense"
+    assert _fastest({"native": sleeper(0.004), "dense": sleeper(0.010)}, prefer="native") == "native"
+    assert _fastest({"native": sleeper(0.010), "dense": sleeper(0.010)}, prefer="native", margin=0.5) == "native"
+
+
+def test_conv_kernel_choices_round_trip_and_are_checked(monkeypatch) -> None:
+    from ntkit.sparse import _functions as SF
+    from ntkit.sparse import conv_kernel_choices, load_conv_kernel_choices
+
+    monkeypatch.setattr(SF, "_KERNEL_CHOICE", {})
+    monkeypatch.delenv("NTKIT_CONV_WGRAD", raising=False)
+    m, part, x = _cnn()
+    attach(m, part).set_active(_half(len(part), 1))
+    _loss(m, x).backward()
+    saved = conv_kernel_choices()
+    assert len(saved) == 3 and set(saved.values()) <= {"native", "gemm", "dense"}
+    monkeypatch.setattr(SF, "_KERNEL_CHOICE", {})
+    monkeypatch.setattr(SF, "_fastest", lambda fns, prefer: pytest.fail("a loaded choice must not be timed again"))
+    load_conv_kernel_choices(saved)
+    m.zero_grad(set_to_none=True)
+    _loss(m, x).backward()
+    with pytest.raises(ConfigError, match=r"^conv kernel choices: unknown kernel 'fast'$"):
+        load_conv_kernel_choices({"k": "fast"})
+
+
+def test_conv_kernel_setting_is_checked(monkeypatch) -> None:
+    monkeypatch.setenv("NTKIT_CONV_WGRAD", "fast")
+    m, part, x = _cnn()
+    attach(m, part).set_active(_half(len(part), 1))
+    with pytest.raises(ConfigError, match=r"^NTKIT_CONV_WGRAD='fast': expected one of tune, native, gemm, dense$"):
+        _loss(m, x).backward()
 
 
 # ------------------------------------------------------------------------------------ index sets

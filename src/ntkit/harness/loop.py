@@ -25,11 +25,15 @@ One call of :func:`train_run` trains one (method, seed) on a :class:`~ntkit.harn
    are not the model being trained).
 
 Resume. With a checkpoint directory, the full state (model, optimizer, method, controller sets,
-RNGs, data position, FLOP books, curves, best weights, surgery history) is saved through
+RNGs, data position, FLOP books, curves, best weights, surgery history, the convolution kernels
+``$NTKIT_CONV_WGRAD=tune`` chose) is saved through
 :class:`ntkit.train.CheckpointManager` (atomic, checksummed; the last ``keep_checkpoints`` kept)
 at every epoch end and every ``checkpoint_every`` steps; :func:`train_run` with ``resume=True``
 continues from the newest good checkpoint and finishes with the record an uninterrupted run
-writes (same metrics bit for bit, same final weights; only wall-clock fields differ).
+writes (same metrics bit for bit, same final weights; only wall-clock fields differ). One
+caveat: under ``tune`` (the default), a convolution problem first met after the checkpoint is timed
+anew, and a near-tie may pick another kernel than the interrupted process would have (the last
+bits then differ); a fixed ``NTKIT_CONV_WGRAD`` (``native``, ``gemm``, ``dense``) has no caveat.
 
 Faults. A step whose loss (task loss + method term) is NaN/Inf is skipped (no backward, no
 update) with a warning naming the run and step; ``max_nonfinite`` consecutive ones abort the
@@ -249,6 +253,7 @@ class _RunState:
         self.best: dict[str, Any] = {"val_loss": math.inf, "step": -1, "flops": 0, "state": None, "pruned": None}
         self.wall_s = 0.0
         self.ctl_sets: tuple[list[bool], list[bool]] = ([], [])  # (active, pruned) at the last save
+        self.kernels: dict[str, str] = {}  # the convolution kernels tuned so far (ntkit.sparse.conv_kernel_choices)
         self.mask_gen = torch.Generator()
 
     def state_dict(self) -> dict:
@@ -258,7 +263,7 @@ class _RunState:
                 "step", "fwd_flops", "bwd_flops", "curve", "active_hist", "active_sum", "active_n", "pruned_hist",
                 "active_frac_steps",
                 "epoch_train_acc", "epoch_flops", "correct", "counted", "nonfinite", "nonfinite_steps",
-                "log_records", "structure", "wall_s", "ctl_sets")},
+                "log_records", "structure", "wall_s", "ctl_sets", "kernels")},
             "cache": [[list(_listify(k)), list(v)] for k, v in self.cache.items()],
             "best": best,
             "mask_gen": self.mask_gen.get_state(),
@@ -359,7 +364,7 @@ def train_run(
     """
     from ntkit.methods import build_method
     from ntkit.methods.base import LoopContext
-    from ntkit.sparse import SlicedAdamW, SlicedSGD, attach
+    from ntkit.sparse import SlicedAdamW, SlicedSGD, attach, conv_kernel_choices, load_conv_kernel_choices
     from ntkit.train.checkpoint import CheckpointManager
     from ntkit.train.sampler import SeededBatchSampler
 
@@ -460,6 +465,7 @@ def train_run(
         if manager is None or not main:
             return
         st.ctl_sets = ([bool(a) for a in ctl.active.tolist()], [bool(a) for a in ctl.pruned.tolist()])
+        st.kernels = conv_kernel_choices()
         manager.save(model, opt, None, step_done, {"label": label, "seed": seed, "method": entry.method},
                      stateful={"method": method, "loop": st, "flops": book})
 
@@ -467,6 +473,7 @@ def train_run(
         ck = manager.resume(model, opt, None, stateful={"method": method, "loop": st, "flops": book},  # type: ignore[union-attr]
                             prune=main)
         assert ck is not None
+        load_conv_kernel_choices(st.kernels)  # the kernels it computed with, not a new timing
         # the controller's sets as they were at the save (methods re-apply theirs on load too)
         ctl.set_pruned(torch.tensor(st.ctl_sets[1], dtype=torch.bool))
         ctl.set_active(torch.tensor(st.ctl_sets[0], dtype=torch.bool))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ntkit.errors import ConfigError
 from ntkit.ntk._layers import conv_output_hw, conv_padding_hw, unfold_rows
@@ -218,6 +218,13 @@ class LayerPlan:
             self.rows[attr] = (out.untyped_storage().data_ptr(), out._version, src)
         return out
 
+    def masked(self, attr: str, sel: Idx, full: Tensor, dim: int) -> Tensor:
+        """A parameter's gradient computed for every slice (the ``dense`` convolution kernel): the
+        slices outside ``sel`` zeroed in place. No compact rows are kept (the optimizer gathers
+        them), and any left by an earlier call are dropped."""
+        self.rows.pop(attr, None)
+        return sel.complement().zero(full, dim)
+
 
 def _masked_full(t: Tensor, keep: Idx | None, dim: int) -> Tensor:
     """``t`` with the not-kept entries along ``dim`` replaced by zeros (no grad tracking)."""
@@ -305,70 +312,88 @@ def _conv_memory_format(x: Tensor, weight: Tensor) -> torch.memory_format:
     return torch.channels_last if _channels_last(x) or _channels_last(weight) else torch.contiguous_format
 
 
-WGRAD_KERNELS = ("auto", "tune", "native", "gemm")
-GEMM_MAX_OUTPUT_PIXELS = 16  # ``auto``: the gemm kernel for outputs of at most 4×4 pixels (CPU)
-_WGRAD_CHOICE: dict[tuple, str] = {}  # ``tune``: problem signature → the kernel measured faster
+CONV_KERNELS = ("tune", "native", "gemm", "dense")
+TUNE_MARGIN = 0.05  # ``tune`` keeps ``native`` unless another kernel is faster by more than this
+_KERNEL_CHOICE: dict[str, str] = {}  # ``tune``: problem signature → the kernel measured fastest
 
 
-def _wgrad_kernel_setting() -> str:
-    """``$NTKIT_CONV_WGRAD``: which kernel computes the active filters' weight gradient."""
-    k = os.environ.get("NTKIT_CONV_WGRAD", "auto") or "auto"
-    if k not in WGRAD_KERNELS:
-        raise ConfigError(f"NTKIT_CONV_WGRAD={k!r}: expected one of {', '.join(WGRAD_KERNELS)}")
+def _conv_kernel_setting() -> str:
+    """``$NTKIT_CONV_WGRAD``: how a convolution with active filters runs its backward."""
+    k = os.environ.get("NTKIT_CONV_WGRAD", "tune") or "tune"
+    if k not in CONV_KERNELS:
+        raise ConfigError(f"NTKIT_CONV_WGRAD={k!r}: expected one of {', '.join(CONV_KERNELS)}")
     return k
 
 
-def _active_weight_grad(gy: Tensor, x: Tensor, w: Tensor, a: Idx, conf: tuple[list[int], list[int], list[int]],
-                        with_bias: bool) -> tuple[Tensor, Tensor | None]:
-    """The weight (and, with ``with_bias``, bias) gradient of the filters ``a`` only: compact
-    [len(a), Cin, kh, kw] (and [len(a)]). Two kernels execute exactly that work (the same FLOPs):
+def conv_kernel_choices() -> dict[str, str]:
+    """The kernels ``tune`` has chosen in this process (problem signature → kernel): part of a run's
+    state, so that a resumed run computes with the kernels it had (:func:`load_conv_kernel_choices`)."""
+    return dict(_KERNEL_CHOICE)
 
-    * ``native``: the output-gradient channels of ``a`` gathered, then the convolution's own
-      weight-gradient kernel (oneDNN on CPU) on them;
-    * ``gemm``: one matrix product ``patchesᵀ @ δ_a`` (:func:`unfold_rows`: one strided copy of
-      the input; δ_a: the gathered output-gradient columns). At small spatial sizes oneDNN's
-      weight-gradient kernel runs far below GEMM speed and barely shrinks with the filter count
-      (VGG-16 width 0.25, 2 CPU threads, half of 128 filters: 1.3–1.8 ms native against 0.6–0.8 ms
-      gemm at 2×2, 2.2–2.5 against 1.5–2.3 ms at 4×4); at large ones the copy of the patches
-      (9× the input) costs more than the product saves.
 
-    ``$NTKIT_CONV_WGRAD`` picks one:
+def load_conv_kernel_choices(choices: dict[str, str]) -> None:
+    """Adopt earlier choices (:func:`conv_kernel_choices`): their problems are not timed again."""
+    bad = {v for v in choices.values() if v not in CONV_KERNELS[1:]}
+    if bad:
+        raise ConfigError(f"conv kernel choices: unknown kernel {sorted(bad)[0]!r}")
+    _KERNEL_CHOICE.update(choices)
 
-    * ``auto`` (default): ``gemm`` on the CPU when the output has at most
-      :data:`GEMM_MAX_OUTPUT_PIXELS` pixels, else ``native``. A fixed rule, so that a run computes
-      the same numbers in every process (a resumed run continues bit for bit);
-    * ``tune``: on the CPU, times both once per problem (shapes, memory format, dtype, threads,
-      the number of filters to an eighth of the layer) at its first backward and keeps the faster,
-      like ``torch.backends.cudnn.benchmark``: the choice, and so the last bits of the numbers,
-      may differ between processes. Not under a dispatch mode such as ``FlopCounterMode``, which
-      would count the trials: there an unmeasured problem runs natively;
-    * ``native`` / ``gemm``: that kernel everywhere (``gemm`` on any device).
 
-    Other devices than the CPU use the native kernel under ``auto`` and ``tune``."""
-    stride, pad, dil = conf
-    setting = _wgrad_kernel_setting()
-    native = lambda: _native_wgrad(gy, x, w, a, conf, with_bias)
-    gemm = lambda: _gemm_wgrad(gy, x, w, a, conf, with_bias)
-    if setting == "native" or (setting in ("auto", "tune") and x.device.type != "cpu"):
-        return native()
-    if setting == "gemm":
-        return gemm()
-    if setting == "auto":
-        return gemm() if gy.shape[-2] * gy.shape[-1] <= GEMM_MAX_OUTPUT_PIXELS else native()
+def _conv_kernel(gy: Tensor, x: Tensor, w: Tensor, p: LayerPlan, conf: tuple[list[int], list[int], list[int]],
+                 need_x: bool, fused_b: bool, run: dict[str, Callable[[], object]]) -> str:
+    """Which kernel runs the backward of a convolution whose active filters ``p.w_grad`` are a
+    proper, non-empty subset. Three execute it (``run``: the whole layer backward each):
+
+    * ``native``: the input gradient, then the output-gradient channels of the active filters
+      gathered and the convolution's own weight-gradient kernel (oneDNN on CPU) on them;
+    * ``gemm``: the input gradient, then one matrix product ``patchesᵀ @ δ_a``
+      (:func:`unfold_rows`: one strided copy of the input; δ_a: the gathered output-gradient
+      columns). The same FLOPs as ``native``;
+    * ``dense``: the plain fused backward of all filters, the inactive rows of the weight (and
+      bias) gradient then zeroed. It computes the inactive filters' gradient, and the FLOP counter
+      counts it: the fallback where slicing cannot pay. Not with pruned filters (there ``native``).
+
+    Which one is fastest depends on the CPU, not only on the shapes. Measured on two 2-core AMD
+    EPYC VMs with AVX-512 (VGG-16, batch 64, half the filters): on one, oneDNN's weight gradient
+    at 2×2 and 4×4 pixels ran far below GEMM speed (half of 128 filters at 2×2: 1.3–1.8 ms native,
+    0.6–0.8 ms gemm); on the other, native beat gemm 1.4–5× at every layer (0.24 against 0.36 ms
+    there), and at 8–16 filters half of them cost oneDNN as much as all of them, so ``dense``
+    won (0.18 against 0.45 ms on the 3-channel first layer). A fixed rule tuned on one machine
+    loses on the other, hence ``$NTKIT_CONV_WGRAD``:
+
+    * ``tune`` (default): on the CPU, times the candidates once per problem (shapes, memory
+      formats, dtype, threads, whether the input gradient and bias are needed, the number of
+      active filters to an eighth of the layer), interleaved, best of 3 after a warm-up, like
+      ``torch.backends.cudnn.benchmark``; ``native`` is kept unless another is faster by more than
+      :data:`TUNE_MARGIN` (near a tie, keep the FLOP saving). The trials run outside any dispatch
+      mode, so a ``FlopCounterMode`` counts the chosen kernel once, not the trials. The choice, and
+      with it the last bits of the numbers (and, for ``dense``, the counted FLOPs), may differ
+      between processes: the training loop saves the choices with its checkpoints
+      (:func:`conv_kernel_choices`), so a resumed run keeps its kernels. Other devices: ``native``;
+    * ``native`` / ``gemm`` / ``dense``: that kernel everywhere (deterministic; ``dense`` falls
+      back to ``native`` where filters are pruned)."""
+    setting = _conv_kernel_setting()
+    dense_ok = p.w_keep is None
+    if setting != "tune":
+        return setting if setting != "dense" or dense_ok else "native"
+    if x.device.type != "cpu":
+        return "native"
     c = w.shape[0]
-    bucket = -(-len(a) * 8 // c)  # the number of filters, to an eighth of the layer
-    key = (tuple(x.shape), _channels_last(x), _channels_last(gy), tuple(w.shape), bucket, tuple(stride),
-           tuple(pad), tuple(dil), x.dtype, with_bias, torch.get_num_threads())
-    choice = _WGRAD_CHOICE.get(key)
+    bucket = -(-len(p.w_grad) * 8 // c)  # type: ignore[arg-type]  # active filters, to an eighth of the layer
+    key = (f"{tuple(x.shape)}/{int(_channels_last(x))}{int(_channels_last(gy))}/{tuple(w.shape)}/{bucket}/"
+           f"{conf}/{str(x.dtype)[6:]}/x{int(need_x)}b{int(fused_b)}d{int(dense_ok)}/t{torch.get_num_threads()}")
+    choice = _KERNEL_CHOICE.get(key)
     if choice is None:
-        if _get_current_dispatch_mode() is not None:  # e.g. a FlopCounterMode: count one run, time nothing
-            return native()
-        choice = _WGRAD_CHOICE[key] = _faster({"native": native, "gemm": gemm})
-    return native() if choice == "native" else gemm()
+        cands = run if dense_ok else {k: v for k, v in run.items() if k != "dense"}
+        with _disable_current_modes():  # e.g. a FlopCounterMode: it counts the chosen run, not the trials
+            choice = _KERNEL_CHOICE[key] = _fastest(cands, prefer="native")
+    return choice
 
 
-def _faster(fns: dict[str, Callable[[], object]], repeats: int = 3) -> str:
-    """The name of the fastest of ``fns`` (best of ``repeats`` interleaved calls after one warm-up each)."""
+def _fastest(fns: dict[str, Callable[[], object]], prefer: str, repeats: int = 3,
+             margin: float = TUNE_MARGIN) -> str:
+    """The name of the fastest of ``fns`` (best of ``repeats`` interleaved calls after one warm-up
+    each), or ``prefer`` when it is within ``margin`` of the fastest."""
     best = dict.fromkeys(fns, float("inf"))
     for r in range(repeats + 1):
         for name, fn in fns.items():
@@ -376,7 +401,8 @@ def _faster(fns: dict[str, Callable[[], object]], repeats: int = 3) -> str:
             fn()
             if r:
                 best[name] = min(best[name], time.perf_counter() - t0)
-    return min(best, key=best.__getitem__)
+    fastest = min(best, key=best.__getitem__)
+    return prefer if best[prefer] <= best[fastest] * (1 + margin) else fastest
 
 
 def _native_wgrad(gy: Tensor, x: Tensor, w: Tensor, a: Idx, conf: tuple[list[int], list[int], list[int]],
@@ -439,32 +465,43 @@ class _Conv2dFn(torch.autograd.Function):
             return torch.ops.aten.convolution_backward(g, x, wt, None, stride, pad, dil, False, [0, 0], 1, mask)
 
         keep, a = p.w_keep, p.w_grad
+        fused_b = False  # the bias gradient of the active filters comes from the weight gradient's call
         if keep is None and a is None:
             gx, gw, _ = cbw(gy, w, [need_x, need_w, False])
+        elif need_w and a is not None and len(a):
+            fused_b = ctx.has_bias and ctx.needs_input_grad[2] and p.b_grad is a
+
+            def sliced(wgrad: Callable[..., tuple[Tensor, Tensor | None]]) -> tuple[Tensor | None, Tensor, Tensor | None]:
+                gx = _conv_input_grad(gy, x, w, keep, cbw) if need_x else None
+                gw_a, gb_a = wgrad(gy, x, w, a, ctx.conf, fused_b)
+                return (gx, p.scattered("weight", a, gw_a, 0, w.shape),
+                        p.scattered("bias", a, gb_a, 0, w.shape[:1]) if fused_b else None)
+
+            def dense() -> tuple[Tensor | None, Tensor, Tensor | None]:
+                gx, gw, gb = torch.ops.aten.convolution_backward(
+                    gy, x, w, [w.shape[0]] if fused_b else None, stride, pad, dil, False, [0, 0], 1,
+                    [need_x, True, fused_b])
+                return gx, p.masked("weight", a, gw, 0), p.masked("bias", a, gb, 0) if fused_b else None
+
+            run = {"native": lambda: sliced(_native_wgrad), "gemm": lambda: sliced(_gemm_wgrad), "dense": dense}
+            gx, gw, gb = run[_conv_kernel(gy, x, w, p, ctx.conf, need_x, fused_b, run)]()  # type: ignore[misc]
         else:
-            if need_x:
-                if keep is None:
-                    gx = cbw(gy, w, [True, False, False])[0]
-                elif len(keep):
-                    gx = cbw(_take_channels(keep, gy), keep.take(w, 0), [True, False, False])[0]
-                else:
-                    gx = torch.zeros_like(x)
+            gx = _conv_input_grad(gy, x, w, keep, cbw) if need_x else None
             if need_w:
-                if a is None:
-                    gw = cbw(gy, w, [False, True, False])[1]
-                else:
-                    if not len(a):
-                        gw = torch.zeros_like(w)
-                    else:
-                        # the bias gradient of the same channels comes from the same call
-                        fused_b = ctx.has_bias and ctx.needs_input_grad[2] and p.b_grad is a
-                        gw_a, gb_a = _active_weight_grad(gy, x, w, a, ctx.conf, fused_b)
-                        gw = p.scattered("weight", a, gw_a, 0, w.shape)
-                        if fused_b:
-                            gb = p.scattered("bias", a, gb_a, 0, w.shape[:1])
-        if ctx.has_bias and ctx.needs_input_grad[2] and gb is None:
+                gw = cbw(gy, w, [False, True, False])[1] if a is None else torch.zeros_like(w)
+        if ctx.has_bias and ctx.needs_input_grad[2] and not fused_b:
             gb = _sum_sel(gy, p.b_grad, (0, 2, 3))
         return gx, gw, gb, None, None
+
+
+def _conv_input_grad(gy: Tensor, x: Tensor, w: Tensor, keep: Idx | None,
+                     cbw: Callable[[Tensor, Tensor, list[bool]], tuple[Tensor, Tensor, Tensor]]) -> Tensor:
+    """The input gradient through the kept (not pruned) filters only."""
+    if keep is None:
+        return cbw(gy, w, [True, False, False])[0]
+    if not len(keep):
+        return torch.zeros_like(x)
+    return cbw(_take_channels(keep, gy), keep.take(w, 0), [True, False, False])[0]
 
 
 # ------------------------------------------------------------------------------------ BatchNorm
