@@ -10,8 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads: ATen's CPU kernels at the AVX2 level on every machine. Its AVX-512 kernels
+# round differently, and after a few training steps the golden numbers moved by 1e-4 relative on an
+# AVX-512 CPU (vanilla mat-vgg at the ci tier); the golden numbers are recorded at this level.
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hypothesis import settings
 
 # The suite is deterministic: property tests draw the same examples on every run (CI included), so a

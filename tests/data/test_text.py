@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ntkit.data import MLMCollator, MLMData, load_dataset, mask_tokens, word_counts
-from ntkit.data.text import SPECIAL_TOKENS, encode_blocks, train_wordpiece
+from ntkit.data.text import PACKAGED_TOKENIZERS, SPECIAL_TOKENS, encode_blocks, train_wordpiece
 from ntkit.errors import ConfigError, DataError
 
 
@@ -95,16 +95,31 @@ def test_tokenizer_trained_on_train_split_only(wikitext: MLMData, data_dir: Path
 
 
 def test_cache_reused_and_keyed(wikitext: MLMData, data_dir: Path, cache_dir: Path) -> None:
-    toks = sorted((cache_dir / "tokenizers").glob("wikitext2-offline-v8000-*.json"))
-    assert len(toks) == 1
+    # the recipes' WikiText-2 tokenizers ship with ntkit: loaded, never trained into the cache
+    assert not list((cache_dir / "tokenizers").glob("wikitext2-offline-*.json"))
+    (shipped,) = PACKAGED_TOKENIZERS.glob("wikitext2-offline-v8000-lc-*.json")
+    assert wikitext.tokenizer.to_str() == shipped.read_text(encoding="utf-8")
     blocks = sorted((cache_dir / "blocks").glob("wikitext2-offline-v8000-*-T128-*.pt"))
     assert len(blocks) == 1
     again = load_dataset("wikitext2", data_dir, cache_dir=cache_dir, limit=5)
     assert torch.equal(again.train, wikitext.train[:5]) and "first 5 blocks" in again.split_note
-    assert len(list((cache_dir / "tokenizers").glob("*.json"))) == 1  # nothing retrained
     blocks[0].write_bytes(b"broken")  # a damaged cache entry is rebuilt, not fatal
     rebuilt = load_dataset("wikitext2", data_dir, cache_dir=cache_dir)
-    assert torch.equal(rebuilt.val, wikitext.val)  # same cached tokenizer -> same blocks
+    assert torch.equal(rebuilt.val, wikitext.val)
+
+
+def test_shipped_tokenizers_make_fresh_machines_agree(data_dir: Path, tmp_path: Path) -> None:
+    """Two empty caches (two fresh machines) get the same tokens at every shipped size; trained
+    anew, the vocabularies differ (huggingface/tokenizers#1794), which is why they ship."""
+    sizes = sorted(int(p.name.split("-v")[1].split("-")[0]) for p in PACKAGED_TOKENIZERS.glob("wikitext2-offline-*.json"))
+    assert sizes == [600, 2000, 8000]  # the ci / quick / cpu tiers' vocabularies
+    a = load_dataset("wikitext2", data_dir, vocab_size=600, block_size=16, cache_dir=tmp_path / "a")
+    b = load_dataset("wikitext2", data_dir, vocab_size=600, block_size=16, cache_dir=tmp_path / "b")
+    assert torch.equal(a.train, b.train) and a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    with (data_dir / "wikitext-2" / "valid.txt").open(encoding="utf-8") as f:
+        valid = f.readlines()
+    trained = [train_wordpiece(valid[:3384], vocab_size=600).get_vocab() for _ in range(3)]
+    assert any(t != a.tokenizer.get_vocab() for t in trained)
 
 
 def _tiny_corpus(root: Path) -> Path:

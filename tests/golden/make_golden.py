@@ -10,16 +10,23 @@ Regenerate (one command, from the repository root)::
     python tests/golden/make_golden.py              # every recipe
     python tests/golden/make_golden.py mat-vgg      # only these (the others are kept)
 
-``NTKIT_DATA_DIR`` picks the data (default ``../shared/data`` next to the repository). A change of the
+``NTKIT_DATA_DIR`` picks the data (default ``../shared/data`` next to the repository). The text
+recipes' tokenizers ship with ntkit (``ntkit/data/_embedded/tokenizers``), so the numbers do not
+depend on a machine's tokenizer cache. The convolution kernel is pinned to ``native`` (the default
+``tune`` times kernels, which would make the numbers machine-dependent), and ATen's CPU kernels to
+the AVX2 level (``ATEN_CPU_CAPABILITY=avx2``: its AVX-512 kernels round differently). A change of the
 golden numbers must be explained in the commit message (which change of the code moved them, and why
 the new numbers are right). The wall-clock and CPU seconds each recipe took are printed, not stored.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
+
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")  # before torch loads, as tests/conftest.py sets it
+
+import json  # noqa: E402
+import math  # noqa: E402
 import sys
 import tempfile
 import time
@@ -85,6 +92,7 @@ def run_ci(name: str) -> tuple[dict[str, dict], tuple[float, float]]:
     from ntkit.recipes import run_recipe
 
     os.environ.setdefault("NTKIT_PROGRESS", "0")
+    os.environ.setdefault("NTKIT_CONV_WGRAD", "native")  # deterministic, as tests/conftest.py pins it
     with tempfile.TemporaryDirectory(prefix=f"golden-{name}-") as tmp:
         t0, c0 = time.perf_counter(), time.process_time()
         doc = run_recipe(name, TIER, tmp, data_dir())

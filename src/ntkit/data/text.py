@@ -299,6 +299,38 @@ def _sha(lines: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+#: Tokenizers that ship with ntkit, keyed like the cache: WikiText-2's offline split (the one the
+#: recipes use where the train split is missing, as in ``../shared/data``) at the recipes' vocabulary
+#: sizes of the ci / quick / cpu tiers (600, 2000, 8000), lower-cased. Written by
+#: :func:`package_tokenizers`; any other key is trained and cached as usual.
+PACKAGED_TOKENIZERS = Path(__file__).resolve().parent / "_embedded" / "tokenizers"
+
+
+def package_tokenizers(vocab_sizes: Sequence[int] = (600, 2000, 8000),
+                       data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Train WikiText-2's offline-split tokenizers at ``vocab_sizes`` anew and ship them
+    (:data:`PACKAGED_TOKENIZERS`, replacing those there). Run by a maintainer, rarely: every
+    machine then loads the same vocabularies, where training gives each process its own
+    (huggingface/tokenizers#1794), and a fresh machine would get other numbers than the golden ones.
+    Regenerate the golden numbers of the text recipes after."""
+    import tempfile
+
+    written = []
+    for v in vocab_sizes:
+        for old in PACKAGED_TOKENIZERS.glob(f"wikitext2-offline-v{v}-lc-*.json"):
+            old.unlink()
+        with tempfile.TemporaryDirectory() as tmp:  # a fresh cache: train, do not load an old entry
+            data = load_wikitext2(data_dir=data_dir, vocab_size=v, block_size=8, cache_dir=tmp)
+            (src,) = (Path(tmp) / "tokenizers").glob("*.json")
+        if not src.name.startswith(f"wikitext2-offline-v{v}-lc-"):
+            raise DataError(f"package_tokenizers: {src.name} is not WikiText-2's offline split; pass the shared data dir")
+        dst = PACKAGED_TOKENIZERS / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(data.tokenizer.to_str(), encoding="utf-8")
+        written.append(dst)
+    return written
+
+
 def _tokenizer_key(
     dataset: str, scheme: str, train_lines: Sequence[str], vocab_size: int, lowercase: bool
 ) -> str:
@@ -313,6 +345,9 @@ def _cached_tokenizer(
     from tokenizers import Tokenizer
 
     key = _tokenizer_key(dataset, scheme, train_lines, vocab_size, lowercase)
+    shipped = PACKAGED_TOKENIZERS / f"{key}.json"
+    if shipped.is_file():  # the recipes' tokenizers, the same on every machine
+        return Tokenizer.from_file(str(shipped)), key
     path = cache / "tokenizers" / f"{key}.json"
     if path.is_file():
         try:
