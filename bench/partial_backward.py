@@ -47,12 +47,12 @@ the kernels alone (``bench/conv_backward_parts.py --memory-format both``) sit at
 Conv2d layer. Channels-last is oneDNN's native layout, faster for the plain layer too, and there
 the kernels follow the FLOPs.
 
-Convolution kernels: a convolution with inactive filters runs one of three backward kernels
-(``$NTKIT_CONV_WGRAD``; default ``tune``: timed once per problem in the warm-up, see
-:func:`ntkit.sparse._functions._conv_kernel`). ``dense`` (the full backward, inactive rows zeroed)
-wins where slicing cannot pay; it computes the inactive filters' gradient, and the FLOP ratio, which
-counts what ran, rises accordingly. The results JSON lists each problem's choice
-(``conv_weight_grad_kernels``).
+Convolution kernels: a convolution with inactive filters runs one of two backward kernels of equal
+FLOPs (``$NTKIT_CONV_WGRAD``; default ``tune``: timed once per problem in the warm-up, see
+:func:`ntkit.sparse._functions._conv_kernel`). With ``NTKIT_CONV_WGRAD=tune-dense`` a third, the
+full backward with the inactive rows zeroed, competes where slicing cannot pay; it computes the
+inactive filters' gradient, and the FLOP ratio, which counts what ran, rises accordingly. The
+results JSON lists each problem's choice (``conv_weight_grad_kernels``).
 
 CPU memory: the benchmark calls :func:`ntkit.train.tune_cpu_allocator` first (glibc keeps freed
 memory for reuse; ``NTKIT_MALLOC=system`` opts out): with the default, every configuration's

@@ -463,7 +463,7 @@ def test_conv_kernels_equal_full_backward(monkeypatch, kernel: str, model: str) 
         _check_grads(m, ref, part, act)
 
 
-@pytest.mark.parametrize("kernel", ["native", "gemm", "dense", "tune"])
+@pytest.mark.parametrize("kernel", ["native", "gemm", "dense", "tune-dense"])
 def test_conv_kernels_with_pruned_filters_equal_zeroed_model(monkeypatch, kernel: str) -> None:
     """With pruned filters every setting runs a sliced kernel (``dense`` falls back to ``native``:
     the full kernel would multiply the pruned filters)."""
@@ -503,13 +503,33 @@ def test_conv_kernel_flops_follow_what_ran(monkeypatch) -> None:
     assert native == gemm < dense == full
 
 
-def test_conv_kernel_tune_times_once_outside_a_flop_counter(monkeypatch) -> None:
-    """``tune`` (the default) times the candidates once per problem, outside any dispatch mode:
-    a FlopCounterMode around the first backward counts the chosen kernels once, as a forced
-    setting of the same choice would, and later backwards reuse the choice without timing."""
+@pytest.mark.parametrize("setting", ["tune", "tune-dense"])
+def test_conv_kernel_tune_candidates(monkeypatch, setting: str) -> None:
+    """``tune`` (the default) chooses between the two kernels of equal FLOPs; ``tune-dense`` also
+    weighs the full backward."""
     from ntkit.sparse import _functions as SF
 
-    monkeypatch.delenv("NTKIT_CONV_WGRAD", raising=False)
+    if setting == "tune":
+        monkeypatch.delenv("NTKIT_CONV_WGRAD", raising=False)
+    else:
+        monkeypatch.setenv("NTKIT_CONV_WGRAD", setting)
+    monkeypatch.setattr(SF, "_KERNEL_CHOICE", {})
+    seen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(SF, "_fastest", lambda fns, prefer: (seen.append(tuple(fns)), prefer)[1])
+    m, part, x = _cnn()
+    attach(m, part).set_active(_half(len(part), 1))
+    _loss(m, x).backward()
+    want = ("native", "gemm") if setting == "tune" else ("native", "gemm", "dense")
+    assert seen == [want] * 3
+
+
+def test_conv_kernel_tune_times_once_outside_a_flop_counter(monkeypatch) -> None:
+    """``tune-dense`` times the candidates once per problem, outside any dispatch mode: a
+    FlopCounterMode around the first backward counts the chosen kernels once, as a forced setting
+    of the same choice would, and later backwards reuse the choice without timing."""
+    from ntkit.sparse import _functions as SF
+
+    monkeypatch.setenv("NTKIT_CONV_WGRAD", "tune-dense")
     monkeypatch.setattr(SF, "_KERNEL_CHOICE", {})
     picks = iter(["dense", "gemm", "native"] * 2)
     timed: list[tuple[str, ...]] = []
@@ -556,7 +576,7 @@ def test_conv_kernel_choices_round_trip_and_are_checked(monkeypatch) -> None:
     from ntkit.sparse import conv_kernel_choices, load_conv_kernel_choices
 
     monkeypatch.setattr(SF, "_KERNEL_CHOICE", {})
-    monkeypatch.delenv("NTKIT_CONV_WGRAD", raising=False)
+    monkeypatch.setenv("NTKIT_CONV_WGRAD", "tune-dense")
     m, part, x = _cnn()
     attach(m, part).set_active(_half(len(part), 1))
     _loss(m, x).backward()
@@ -565,7 +585,8 @@ def test_conv_kernel_choices_round_trip_and_are_checked(monkeypatch) -> None:
     monkeypatch.setattr(SF, "_KERNEL_CHOICE", {})
     monkeypatch.setattr(SF, "_fastest", lambda fns, prefer: pytest.fail("a loaded choice must not be timed again"))
     load_conv_kernel_choices(saved)
-    m.zero_grad(set_to_none=True)
+    m, part, x = _cnn()
+    attach(m, part).set_active(_half(len(part), 1))
     _loss(m, x).backward()
     with pytest.raises(ConfigError, match=r"^conv kernel choices: unknown kernel 'fast'$"):
         load_conv_kernel_choices({"k": "fast"})
@@ -575,7 +596,7 @@ def test_conv_kernel_setting_is_checked(monkeypatch) -> None:
     monkeypatch.setenv("NTKIT_CONV_WGRAD", "fast")
     m, part, x = _cnn()
     attach(m, part).set_active(_half(len(part), 1))
-    with pytest.raises(ConfigError, match=r"^NTKIT_CONV_WGRAD='fast': expected one of tune, native, gemm, dense$"):
+    with pytest.raises(ConfigError, match=r"^NTKIT_CONV_WGRAD='fast': expected one of tune, tune-dense, native, gemm, dense$"):
         _loss(m, x).backward()
 
 
