@@ -523,6 +523,24 @@ def test_conv_kernel_tune_candidates(monkeypatch, setting: str) -> None:
     assert seen == [want] * 3
 
 
+def test_conv_kernel_tune_tells_apart_convolutions_of_equal_shapes(monkeypatch) -> None:
+    """Two layers with the same input, weight and output shapes but another padding and dilation
+    are two problems: each is timed."""
+    from ntkit.sparse import _functions as SF
+
+    monkeypatch.delenv("NTKIT_CONV_WGRAD", raising=False)
+    monkeypatch.setattr(SF, "_KERNEL_CHOICE", {})
+    monkeypatch.setattr(SF, "_KEY_MEMO", {})
+    timed: list[int] = []
+    monkeypatch.setattr(SF, "_fastest", lambda fns, prefer: (timed.append(1), prefer)[1])
+    m = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=2, dilation=2))
+    part = P.conv_filters(m)
+    attach(m, part).set_active(torch.arange(len(part)) % 2 == 0)  # filters 0 and 2 of each layer
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)  # both layers then see [2, 4, 8, 8] and give 8×8
+    _loss(m, x).backward()
+    assert len(timed) == 2 and len(SF.conv_kernel_choices()) == 2
+
+
 def test_conv_kernel_tune_times_once_outside_a_flop_counter(monkeypatch) -> None:
     """``tune-dense`` times the candidates once per problem, outside any dispatch mode: a
     FlopCounterMode around the first backward counts the chosen kernels once, as a forced setting

@@ -317,7 +317,9 @@ def _conv_memory_format(x: Tensor, weight: Tensor) -> torch.memory_format:
     return torch.channels_last if _channels_last(x) or _channels_last(weight) else torch.contiguous_format
 
 
-CONV_KERNELS = ("tune", "tune-dense", "native", "gemm", "dense")
+_Conf = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]  # (stride, padding, dilation), hashable
+_KERNELS = ("native", "gemm", "dense")
+CONV_KERNELS = ("tune", "tune-dense", *_KERNELS)
 TUNE_MARGIN = 0.05  # ``tune`` keeps ``native`` unless another kernel is faster by more than this
 _KERNEL_CHOICE: dict[str, str] = {}  # ``tune*``: problem signature → the kernel measured fastest
 _KEY_MEMO: dict[tuple, str] = {}  # shapes, strides, … → that signature
@@ -339,13 +341,13 @@ def conv_kernel_choices() -> dict[str, str]:
 
 def load_conv_kernel_choices(choices: dict[str, str]) -> None:
     """Adopt earlier choices (:func:`conv_kernel_choices`): their problems are not timed again."""
-    bad = {v for v in choices.values() if v not in CONV_KERNELS[2:]}
+    bad = {v for v in choices.values() if v not in _KERNELS}
     if bad:
-        raise ConfigError(f"conv kernel choices: unknown kernel {sorted(bad)[0]!r}")
+        raise ConfigError(f"conv kernel choices: unknown kernel {min(bad)!r}")
     _KERNEL_CHOICE.update(choices)
 
 
-def _conv_kernel(gy: Tensor, x: Tensor, w: Tensor, p: LayerPlan, conf: tuple[list[int], list[int], list[int]],
+def _conv_kernel(gy: Tensor, x: Tensor, w: Tensor, p: LayerPlan, conf: _Conf,
                  need_x: bool, fused_b: bool, run: dict[str, Callable[[], object]]) -> str:
     """Which kernel runs the backward of a convolution whose active filters ``p.w_grad`` are a
     proper, non-empty subset. Three execute it (``run``: the whole layer backward each):
@@ -391,7 +393,7 @@ def _conv_kernel(gy: Tensor, x: Tensor, w: Tensor, p: LayerPlan, conf: tuple[lis
     with_dense = setting == "tune-dense" and dense_ok
     c = w.shape[0]
     bucket = -(-len(p.w_grad) * 8 // c)  # type: ignore[arg-type]  # active filters, to an eighth of the layer
-    fast = (x.shape, x.stride(), gy.stride(), w.shape, bucket, x.dtype, need_x, fused_b, with_dense,
+    fast = (x.shape, x.stride(), gy.stride(), w.shape, bucket, conf, x.dtype, need_x, fused_b, with_dense,
             torch.get_num_threads())  # a cheap key for the signature of the next backward (15 → 3 µs)
     key = _KEY_MEMO.get(fast)
     if key is None:
@@ -421,7 +423,7 @@ def _fastest(fns: dict[str, Callable[[], object]], prefer: str, repeats: int = 3
     return prefer if best[prefer] <= best[fastest] * (1 + margin) else fastest
 
 
-def _native_wgrad(gy: Tensor, x: Tensor, w: Tensor, a: Idx, conf: tuple[list[int], list[int], list[int]],
+def _native_wgrad(gy: Tensor, x: Tensor, w: Tensor, a: Idx, conf: _Conf,
                   with_bias: bool) -> tuple[Tensor, Tensor | None]:
     stride, pad, dil = conf
     # the weight's values do not enter its own gradient: a view of the right shape (the first
@@ -433,7 +435,7 @@ def _native_wgrad(gy: Tensor, x: Tensor, w: Tensor, a: Idx, conf: tuple[list[int
     return gw_a, gb_a
 
 
-def _gemm_wgrad(gy: Tensor, x: Tensor, w: Tensor, a: Idx, conf: tuple[list[int], list[int], list[int]],
+def _gemm_wgrad(gy: Tensor, x: Tensor, w: Tensor, a: Idx, conf: _Conf,
                 with_bias: bool) -> tuple[Tensor, Tensor | None]:
     stride, pad, dil = conf
     k, cin, kh, kw = len(a), w.shape[1], w.shape[2], w.shape[3]
@@ -465,7 +467,7 @@ class _Conv2dFn(torch.autograd.Function):
             y = y + _masked_full(bias, plan.b_keep, 0).view(1, -1, 1, 1)
         ctx.save_for_backward(x, weight)
         ctx.plan, ctx.has_bias = plan, has_bias
-        ctx.conf = (list(mod.stride), list(pad), list(mod.dilation))
+        ctx.conf = (tuple(mod.stride), tuple(pad), tuple(mod.dilation))
         return y
 
     @staticmethod
