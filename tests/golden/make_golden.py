@@ -25,8 +25,8 @@ import os
 
 os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")  # before torch loads, as tests/conftest.py sets it
 
-import json  # noqa: E402
-import math  # noqa: E402
+import json
+import math
 import sys
 import tempfile
 import time
